@@ -1,0 +1,135 @@
+"""All of smoll's hyperparameters, in one dataclass.
+
+The value a run uses is settled in this order, later winning:
+    1. the defaults in `Config` below,
+    2. `MODEL_DEFAULTS[model]` (the Bigram wants a different recipe from TinyGPT),
+    3. `PRESETS[name]` when `--preset name` is given,
+    4. `--<field> VALUE` flags on the command line.
+"""
+
+import argparse
+from dataclasses import dataclass, fields
+
+MODELS = ("tinygpt", "bigram")
+
+
+@dataclass
+class Config:
+    # --- what to train ---
+    model: str = "tinygpt"  # "tinygpt" (the transformer) or "bigram" (the baseline)
+    # --- model size ---
+    block_size: int = 256  # context length: how many characters the model sees at once
+    n_embd: int = 384  # width of the residual stream (embedding dimension)
+    n_head: int = 6  # attention heads per layer; n_embd must divide evenly among them
+    n_layer: int = 6  # number of transformer blocks
+    dropout: float = 0.2  # dropout probability during training (0 turns it off)
+    # --- optimisation ---
+    batch_size: int = 64  # sequences per optimizer step
+    learning_rate: float = 3e-4  # peak learning rate of AdamW
+    max_iters: int = 5000  # optimizer steps (older versions called these "epochs")
+    warmup_iters: int = 100  # steps of linear warmup from 0 to the peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decay ends at learning_rate * min_lr_ratio
+    weight_decay: float = 0.1  # AdamW weight decay, applied to weight matrices only
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
+    # --- evaluation and bookkeeping ---
+    eval_interval: int = 500  # estimate train/val loss every this many steps (and at the last)
+    eval_iters: int = 200  # batches per loss estimate
+    seed: int = 1337  # seeds the weights, the batches and dropout: same seed, same run
+    device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one of them
+    dtype: str = "auto"  # "float32" or "bfloat16" autocast; "auto" = bfloat16 where it is fast
+
+    def validate(self):
+        """Raise ValueError with a sentence that names the fix for the first bad value."""
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}.")
+        for name in ("block_size", "n_embd", "n_head", "n_layer", "batch_size", "max_iters",
+                     "eval_interval", "eval_iters"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}: "
+                             f"pick sizes where n_embd is a multiple of n_head, e.g. "
+                             f"--n_embd {self.n_head * max(1, round(self.n_embd / self.n_head))}.")
+        if self.n_embd // self.n_head % 2 != 0:
+            raise ValueError(f"the head size n_embd/n_head = {self.n_embd // self.n_head} must be even "
+                             f"for rotary position embeddings: change --n_embd or --n_head.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
+            raise ValueError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps.")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"unknown dtype '{self.dtype}': use auto, float32 or bfloat16.")
+
+
+# The Bigram is one vocab x vocab table: it needs neither long contexts nor dropout, and with a
+# large learning rate it reaches the count-based optimum in seconds.
+MODEL_DEFAULTS = {
+    "tinygpt": {},
+    "bigram": dict(block_size=32, batch_size=64, dropout=0.0, learning_rate=0.1, max_iters=1500,
+                   warmup_iters=0, weight_decay=0.0, eval_interval=250, eval_iters=50),
+}
+
+# Named sets of overrides, chosen with --preset NAME.
+PRESETS = {
+    # A TinyGPT sized for a 2-core CPU: the shipped models/tinygpt.pth was trained with it.
+    "cpu": dict(block_size=128, n_embd=256, n_head=4, n_layer=6, dropout=0.1, batch_size=32,
+                learning_rate=1.5e-3, max_iters=3000, warmup_iters=100, eval_interval=250,
+                eval_iters=20),
+}
+
+
+def make_config(model="tinygpt", preset=None, **overrides):
+    """Build a validated Config: defaults, then the model's defaults, then a preset, then overrides."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model '{model}': choose one of {', '.join(MODELS)}.")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}.")
+    values = {"model": model, **MODEL_DEFAULTS[model], **(PRESETS[preset] if preset else {})}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = Config(**values)
+    config.validate()
+    return config
+
+
+def add_config_args(parser):
+    """Add one --<field> flag per Config field; each defaults to None, meaning "not given"."""
+    help_lines = _field_comments()
+    group = parser.add_argument_group("hyperparameters (defaults from config.py)")
+    for f in fields(Config):
+        if f.name == "model":
+            continue  # scripts add --model themselves, with its choices
+        group.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper(),
+                           help=f"{help_lines.get(f.name, '')} (default: {f.default})")
+    return parser
+
+
+def config_from_args(args):
+    """Turn parsed argparse flags into a validated Config."""
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Config) if f.name != "model"}
+    return make_config(model=args.model, preset=getattr(args, "preset", None), **overrides)
+
+
+def config_from_dict(d):
+    """Rebuild a Config from a checkpoint's dict, ignoring keys this version does not know."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def _field_comments():
+    """Read each field's trailing comment from this file, so --help shows the same words."""
+    import inspect
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith("#"):
+            name = line.split(":", 1)[0].strip()
+            comments[name] = line.split("#", 1)[1].strip()
+    return comments
+
