@@ -1,0 +1,34 @@
+"""Shared fixtures. Run the suite from the repository root with `python -m pytest`."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from config import make_config  # noqa: E402
+
+SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare():
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture
+def tiny_config():
+    """A TinyGPT small enough to train for a few steps in well under a second."""
+    return make_config(n_layer=2, n_embd=32, n_head=4, block_size=16, batch_size=8, dropout=0.0,
+                       max_iters=20, eval_interval=10, eval_iters=2, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def tiny_text(tmp_path, shakespeare):
+    """The first 20,000 characters of Tiny Shakespeare, as a file."""
+    path = tmp_path / "tiny.txt"
+    path.write_text(shakespeare[:20_000], encoding="utf-8")
+    return str(path)

@@ -1,0 +1,204 @@
+"""Training, data, checkpoints and evaluation: run with `python -m pytest tests/test_train.py`."""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train as train_script
+from config import Config, make_config
+from models import Bigram, TinyGPT
+from train import get_lr, train
+from utils import (CharTokenizer, SmollError, full_eval_loss, get_batch, load_model, save_checkpoint,
+                   split_data)
+
+
+def test_batches_are_windows_and_targets_are_inputs_shifted_by_one():
+    data = torch.arange(1000)
+    x, y = get_batch(data, batch_size=16, block_size=32, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (16, 32)
+    assert torch.equal(y, x + 1)  # data[i] == i, so the next character is the id plus one
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # each row is one contiguous window
+    assert x.min() >= 0 and y.max() <= 999
+
+
+def test_split_is_first_90_percent_train_last_10_percent_val():
+    data = torch.arange(1000)
+    train_data, val_data = split_data(data, block_size=8)
+    assert torch.equal(train_data, data[:900]) and torch.equal(val_data, data[900:])
+    with pytest.raises(SmollError, match="too short"):
+        split_data(data, block_size=100)
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    config = make_config(learning_rate=1e-3, warmup_iters=100, max_iters=1000, min_lr_ratio=0.1)
+    assert get_lr(0, config) == pytest.approx(1e-3 / 101)
+    assert get_lr(100, config) == pytest.approx(1e-3)  # the peak, right after warmup
+    assert get_lr(550, config) == pytest.approx(0.55e-3)  # half-way down the cosine
+    assert get_lr(1000, config) == pytest.approx(1e-4)
+    lrs = [get_lr(s, config) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_bigram_reaches_the_count_based_optimum(tmp_path, shakespeare, monkeypatch):
+    """The best a bigram can do on its training text is the entropy of the bigram counts."""
+    monkeypatch.setattr(train_script, "DEFAULT_WEIGHTS", {"bigram": str(tmp_path / "b.pth")})
+    text_path = tmp_path / "shakespeare.txt"
+    text_path.write_text(shakespeare, encoding="utf-8")
+    result = train(make_config(model="bigram", device="cpu", dtype="float32"), str(text_path), sample_chars=0)
+
+    model, tok, config = load_model(str(tmp_path / "b.pth"))
+    data = torch.tensor(tok.encode(shakespeare))
+    train_data, _ = split_data(data, config.block_size)
+    counts = torch.zeros(tok.vocab_size, tok.vocab_size)
+    counts.index_put_((train_data[:-1], train_data[1:]), torch.ones(len(train_data) - 1), accumulate=True)
+    probs = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    optimum = -probs[train_data[:-1], train_data[1:]].log().mean().item()  # about 2.45 nats
+
+    with torch.no_grad():
+        logits, _ = model(train_data[:-1].view(1, -1))
+        model_loss = F.cross_entropy(logits[0], train_data[1:]).item()
+    assert optimum - 1e-4 <= model_loss <= optimum + 0.01
+    assert result["full_val"] <= 2.50
+
+
+def test_small_tinygpt_overfits_one_batch(shakespeare):
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text(shakespeare)
+    data = torch.tensor(tok.encode(shakespeare[:5000]))
+    x, y = get_batch(data, 4, 32, torch.Generator().manual_seed(0))
+    model = TinyGPT(make_config(n_layer=2, n_embd=64, n_head=4, block_size=32, dropout=0.0), tok.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.1
+
+
+def test_checkpoint_round_trips_through_load_model(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text("abcdefgh\n ")
+    model = TinyGPT(tiny_config, tok.vocab_size).eval()
+    path = str(tmp_path / "m.pth")
+    save_checkpoint(path, model, tiny_config, tok, step=7, val_loss=1.5)
+
+    raw = torch.load(path, weights_only=True)
+    assert raw["step"] == 7 and raw["val_loss"] == 1.5 and raw["vocab"] == tok.chars
+    assert all(v.dtype == torch.float16 for v in raw["model_state"].values())  # half-size storage
+
+    loaded, loaded_tok, loaded_config = load_model(path)
+    assert isinstance(loaded, TinyGPT) and not loaded.training
+    assert loaded_config == tiny_config and loaded_tok.chars == tok.chars
+    # The loaded model is exactly the original with its weights rounded to float16.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    x = torch.randint(tok.vocab_size, (2, 16))
+    assert torch.equal(model(x)[0], loaded(x)[0])
+
+
+def test_checkpoint_model_type_comes_from_the_file(tmp_path):
+    tok = CharTokenizer.from_text("xyz")
+    path = str(tmp_path / "b.pth")
+    save_checkpoint(path, Bigram(make_config(model="bigram"), 3), make_config(model="bigram"), tok, 0, 1.0)
+    model, _, config = load_model(path)
+    assert isinstance(model, Bigram) and config.model == "bigram"
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_untouched(tmp_path, tiny_config, monkeypatch):
+    tok = CharTokenizer.from_text("abc")
+    model = TinyGPT(tiny_config, 3)
+    path = tmp_path / "m.pth"
+    save_checkpoint(str(path), model, tiny_config, tok, 1, 2.0)
+    before = path.read_bytes()
+
+    def crash_mid_write(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if Ctrl-C landed during the write
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(path), model, tiny_config, tok, 2, 1.0)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.pth"]  # no temp file left behind
+
+
+def test_load_model_gives_clear_errors(tmp_path, tiny_config):
+    with pytest.raises(SmollError, match="does not exist"):
+        load_model(str(tmp_path / "missing.pth"))
+
+    good = tmp_path / "good.pth"
+    save_checkpoint(str(good), TinyGPT(tiny_config, 5), tiny_config, CharTokenizer.from_text("abcde"), 0, 1.0)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SmollError, match="not a readable smoll checkpoint"):
+        load_model(str(truncated))
+
+    text = tmp_path / "notes.pth"
+    text.write_text("hello", encoding="utf-8")
+    with pytest.raises(SmollError, match="not a readable smoll checkpoint"):
+        load_model(str(text))
+
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(SmollError, match="not a smoll checkpoint"):
+        load_model(str(foreign))
+
+    mismatched = torch.load(good, weights_only=True)
+    mismatched["config"]["n_embd"] = 64
+    torch.save(mismatched, tmp_path / "mismatched.pth")
+    with pytest.raises(SmollError, match="does not match"):
+        load_model(str(tmp_path / "mismatched.pth"))
+
+
+def test_full_eval_loss_counts_every_position_once():
+    """A bigram's loss at a position does not depend on the window, so the windowed full
+    evaluation must equal the plain mean over all consecutive pairs, the last short window included."""
+    torch.manual_seed(0)
+    model = Bigram(make_config(model="bigram"), 11)
+    torch.nn.init.normal_(model.token_embedding_table.weight)
+    data = torch.randint(11, (1003,))  # 1002 targets: 143 windows of 7 and a tail of 1
+    logits, _ = model(data[:-1].view(1, -1))
+    expected = F.cross_entropy(logits[0], data[1:]).item()
+    assert full_eval_loss(model, data, block_size=7, batch_size=10) == pytest.approx(expected, rel=1e-5)
+
+
+def test_training_is_reproducible_and_keeps_the_previous_checkpoint(tmp_path, tiny_config, tiny_text):
+    out = tmp_path / "m.pth"
+    out.write_bytes(b"earlier weights")
+    first = train(tiny_config, tiny_text, str(out), sample_chars=0)
+    assert (tmp_path / "m.prev.pth").read_bytes() == b"earlier weights"
+    weights = torch.load(out, weights_only=True)["model_state"]
+
+    second = train(tiny_config, tiny_text, str(out), sample_chars=0)
+    assert first == second
+    again = torch.load(out, weights_only=True)["model_state"]
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert first["full_val"] < math.log(len(set(open(tiny_text, encoding="utf-8").read())))
+
+
+def test_config_layers_defaults_model_defaults_preset_and_overrides():
+    assert make_config() == Config()
+    bigram = make_config(model="bigram")
+    assert bigram.learning_rate == 0.1 and bigram.dropout == 0.0
+    cpu = make_config(preset="cpu", n_layer=2)
+    assert cpu.n_layer == 2 and cpu.n_embd == 256  # the override beats the preset, the preset the default
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_embd=100, n_head=6), "not divisible"),
+    (dict(n_layer=0), "positive"),
+    (dict(block_size=-8), "positive"),
+    (dict(learning_rate=0.0), "positive"),
+    (dict(learning_rate=-1e-3), "positive"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(model="gpt5"), "unknown model"),
+    (dict(preset="gpu9000"), "unknown preset"),
+])
+def test_bad_config_values_are_rejected_with_a_reason(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**overrides)
