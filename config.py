@@ -72,7 +72,7 @@ class Config:
 # large learning rate it reaches the count-based optimum in seconds.
 MODEL_DEFAULTS = {
     "tinygpt": {},
-    "bigram": dict(block_size=32, batch_size=64, dropout=0.0, learning_rate=0.1, max_iters=1500,
+    "bigram": dict(block_size=32, dropout=0.0, learning_rate=0.1, max_iters=1500,
                    warmup_iters=0, weight_decay=0.0, eval_interval=250, eval_iters=50),
 }
 

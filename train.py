@@ -4,26 +4,43 @@
     python train.py --preset cpu             # a TinyGPT sized for a laptop CPU
     python train.py --model bigram           # the Bigram baseline, in seconds
     python train.py --n_layer 4 --learning_rate 1e-3 --data my_text.txt --out models/mine.pth
-    python train.py --eval_only --weights models/tinygpt.pth    # score a checkpoint
+    python train.py --resume --out models/mine.pth                 # continue an interrupted run
+    python train.py --eval_only --weights models/tinygpt.pth       # score and compare checkpoints
+    torchrun --nproc_per_node 4 train.py     # data-parallel on 4 GPUs (or CPU processes)
 
-The best checkpoint (lowest validation loss) is saved to --out as training goes.
+A run writes, beside --out NAME.pth:
+    NAME.pth       the best checkpoint (lowest validation loss), for play.py
+    NAME.last.pth  the latest full training state, for --resume
+    NAME.csv       the loss history, one row per evaluation
+    NAME.png       the loss curve (if matplotlib is installed)
 """
 
 import argparse
+import csv
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import fields, replace
+from datetime import datetime, timezone
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from config import MODELS, PRESETS, add_config_args, config_from_args
+from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
 from models import build_model
-from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, CharTokenizer, SmollError, autocast,
-                   full_eval_loss, get_batch, get_device, load_model, read_text, resolve_dtype,
+from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, CharTokenizer, SmollError, atomic_save, autocast,
+                   describe_device, full_eval_loss, get_batch, get_device, git_commit,
+                   load_checkpoint, load_model, plot_history, read_text, resolve_dtype,
                    save_checkpoint, split_data)
+
+# The fields a resumed run takes from its checkpoint; device and dtype may change between machines.
+HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype"}
 
 
 def get_lr(step, config):
@@ -63,71 +80,208 @@ def estimate_loss(model, eval_batches, device, dtype):
     return out
 
 
+def last_path(out_path):
+    """The full training state, for --resume, lives beside the best weights: NAME.last.pth."""
+    return os.path.splitext(out_path)[0] + ".last.pth"
+
+
 def keep_previous(path):
-    """Copy an existing checkpoint to NAME.prev.pth before this run first overwrites it."""
+    """Copy an existing checkpoint to NAME.prev.pth before a new run first overwrites it."""
     if not os.path.exists(path):
         return None
     backup = os.path.splitext(path)[0] + ".prev.pth"
-    tmp = backup + ".tmp"
-    shutil.copy2(path, tmp)
-    os.replace(tmp, backup)
+    shutil.copy2(path, backup + ".tmp")
+    os.replace(backup + ".tmp", backup)
     return backup
 
 
-def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300):
-    """Train config.model on the text at data_path; save the best checkpoint to out_path.
+def write_history_csv(history, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
 
-    Returns a dict with the best val-loss estimate, its step and the full validation loss.
+
+class StopFlag:
+    """Turns the first Ctrl-C into a request to stop at the next step boundary, so the saved state
+    is never half an optimizer step. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        # Signals can only be caught on the main thread. A process started with SIGINT ignored
+        # (a background job, nohup) keeps ignoring it.
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving after this step (press again to quit at once)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def setup_distributed(config):
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs).
+
+    Returns (rank, world_size, device). Without torchrun: (0, 1, the configured device).
+    """
+    device = get_device(config.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise SmollError(f"torchrun needs CUDA GPUs or CPUs, not {device.type}: add --device cpu.")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resume=False):
+    """Train config.model on the text at data_path, saving as the module docstring says.
+
+    With resume, continue the run whose state is in NAME.last.pth; config then only supplies the
+    device and dtype, the rest comes from the saved run. Returns a dict of the run's figures.
     """
     out_path = out_path or DEFAULT_WEIGHTS[config.model]
-    device = get_device(config.device)
+    state = None
+    if resume:
+        state = load_checkpoint(last_path(out_path))
+        if "optimizer" not in state:
+            raise SmollError(f"'{last_path(out_path)}' holds weights but no training state to "
+                             f"resume from: start a new run without --resume.")
+        config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype)
+    rank, world_size, device = setup_distributed(config)
+    try:
+        return _train(config, data_path, out_path, sample_chars, state, rank, world_size, device)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device):
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for anything left in fp32
         torch.backends.cudnn.allow_tf32 = True
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
 
     text = read_text(data_path)
     tokenizer = CharTokenizer.from_text(text)
+    if state is not None and tokenizer.chars != state["vocab"]:
+        raise SmollError(f"'{data_path}' is not the text this run was trained on (its characters "
+                         f"differ): resume with the same --data.")
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     train_data, val_data = split_data(data, config.block_size)
     train_data, val_data = train_data.to(device), val_data.to(device)  # the whole text lives on device
 
-    torch.manual_seed(config.seed)  # weights and dropout
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, config, device)
-    batch_rng = torch.Generator().manual_seed(config.seed)  # training batches
+    torch.manual_seed(config.seed + rank)  # dropout differs between ranks
+    batch_rng = torch.Generator().manual_seed(config.seed + rank)  # so do the batches
     eval_rng = torch.Generator().manual_seed(0)  # the same eval batches in every run
     eval_batches = {split: [get_batch(d, config.batch_size, config.block_size, eval_rng)
                             for _ in range(config.eval_iters)]
                     for split, d in (("train", train_data), ("val", val_data))}
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
-          f"{len(train_data):,} train / {len(val_data):,} val characters | {device} {str(dtype)[6:]}")
-    print(f"saving the best checkpoint to {os.path.relpath(out_path)}")
+    step, history, best = 0, [], {"val": float("inf"), "step": -1}
+    run = {"git_commit": git_commit(), "device": describe_device(device), "dtype": str(dtype)[6:],
+           "torch": str(torch.__version__), "world_size": world_size,
+           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "train_time_s": 0.0}
+    if state is not None:  # pick up exactly where the saved run stopped
+        model.load_state_dict(state["model_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, run = state["step"], state["history"], state["run"]
+        best = {"val": state["val_loss"], "step": state["best_step"]}
+        if len(state["rng"]) != world_size:
+            raise SmollError(f"this run was saved from {len(state['rng'])} process(es): resume it "
+                             f"with the same number, not {world_size}.")
+        rng = state["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        batch_rng.set_state(rng["batch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    # Under torchrun, DDP averages the gradients of all ranks during backward().
+    # Its buffers are the constant rotary tables, so they need no broadcasting.
+    train_model = DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
 
-    tokens_per_step = config.batch_size * config.block_size
-    best = {"val": float("inf"), "step": -1}
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
+        f"{len(train_data):,} train / {len(val_data):,} val characters | {run['device']} "
+        f"{run['dtype']}" + (f" | {world_size} processes" if world_size > 1 else ""))
+    log(f"{'resuming at step ' + str(step) if state else 'saving the best checkpoint'} "
+        f"to {os.path.relpath(out_path)}")
+
+    tokens_per_step = config.batch_size * config.block_size * world_size
     backup = None
+    t_start, time_before, step_start = time.perf_counter(), run["train_time_s"], step
+
+    def save_state():
+        """The full state, for --resume: every rank's RNG states are gathered into rank 0's file."""
+        rng = {"torch": torch.get_rng_state(), "batch": batch_rng.get_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        rngs = [rng]
+        if world_size > 1:
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng)
+        if rank == 0:
+            save_checkpoint(last_path(out_path), model, config, tokenizer, step, best["val"], half=False,
+                            optimizer=optimizer.state_dict(), rng=rngs, best_step=best["step"],
+                            history=history, run=run)
+
     # In a terminal the bar redraws often; into a log file, every few seconds is plenty.
-    bar = tqdm(total=config.max_iters, unit="step", dynamic_ncols=True, file=sys.stdout,
-               mininterval=0.1 if sys.stdout.isatty() else 5.0)
-    t_start = time.perf_counter()
-    try:
-        for step in range(config.max_iters + 1):
+    bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
+               mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=rank != 0)
+    interrupted = False
+    with StopFlag() as stop:
+        while True:
             last_step = step == config.max_iters
-            # Evaluate, and keep the checkpoint if validation improved.
-            if step % config.eval_interval == 0 or last_step:
-                losses = estimate_loss(model, eval_batches, device, dtype)
-                mark = ""
-                if losses["val"] < best["val"]:
-                    if best["step"] < 0:
-                        backup = keep_previous(out_path)
-                    best = {"val": losses["val"], "step": step}
-                    save_checkpoint(out_path, model, config, tokenizer, step, losses["val"])
-                    mark = " (saved)"
-                bar.write(f"step {step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
+            run["train_time_s"] = time_before + time.perf_counter() - t_start
+            # Evaluate (rank 0 only), keep the best checkpoint, and save the state for --resume.
+            due = step % config.eval_interval == 0 or last_step
+            if due and not (history and history[-1]["step"] == step):  # a resumed step is done
+                if rank == 0:
+                    losses = estimate_loss(model, eval_batches, device, dtype)
+                    check_finite(losses["train"], step, out_path, config)
+                    check_finite(losses["val"], step, out_path, config)
+                    elapsed = time.perf_counter() - t_start
+                    history.append({"step": step, "train_loss": round(losses["train"], 5),
+                                    "val_loss": round(losses["val"], 5),
+                                    "lr": get_lr(min(step, config.max_iters - 1), config),
+                                    "tokens_per_s": round((step - step_start) * tokens_per_step / elapsed),
+                                    "time_s": round(run["train_time_s"], 2)})
+                    mark = ""
+                    if losses["val"] < best["val"]:
+                        if best["step"] < 0 and state is None:
+                            backup = keep_previous(out_path)
+                        best = {"val": losses["val"], "step": step}
+                        save_checkpoint(out_path, model, config, tokenizer, step, best["val"],
+                                        history=history, run=run)
+                        mark = " (saved)"
+                    write_history_csv(history, os.path.splitext(out_path)[0] + ".csv")
+                    bar.write(f"step {step:5d} | train {losses['train']:.4f} | "
+                              f"val {losses['val']:.4f}{mark}")
+                save_state()
             if last_step:
+                break
+            if stop_requested(stop, step, world_size, device):
+                save_state()
+                interrupted = True
                 break
 
             # One optimizer step.
@@ -136,61 +290,121 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300):
                 group["lr"] = lr
             x, y = get_batch(train_data, config.batch_size, config.block_size, batch_rng)
             with autocast(device, dtype):
-                _, loss = model(x, y)
+                _, loss = train_model(x, y)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            step += 1
 
             bar.update(1)
-            if step % 10 == 0 or step == config.max_iters - 1:  # .item() waits for the GPU: not every step
+            if step % 10 == 0 or step == config.max_iters:  # .item() waits for the GPU: not every step
+                loss_value = loss.item()
+                check_finite(loss_value, step, out_path, config)
                 elapsed = time.perf_counter() - t_start
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{(step + 1) * tokens_per_step / elapsed:,.0f}")
-    except KeyboardInterrupt:
-        bar.close()
-        where = f"best checkpoint (step {best['step']}) is in {out_path}" if best["step"] >= 0 \
-            else "nothing was saved"
-        raise SmollError(f"interrupted at step {step}; the {where}.") from None
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                tok_s=f"{(step - step_start) * tokens_per_step / elapsed:,.0f}")
     bar.close()
-    elapsed = time.perf_counter() - t_start
-    print(f"trained {config.max_iters} steps in {elapsed:.1f} s "
-          f"({config.max_iters * tokens_per_step / elapsed:,.0f} tokens/s)")
-    if backup:
-        print(f"the checkpoint that was at {os.path.relpath(out_path)} before is kept as "
-              f"{os.path.relpath(backup)}")
+    if rank != 0:
+        return {}
+    result = {"best_val": best["val"], "best_step": best["step"], "history": history}
+    if interrupted:
+        log(f"interrupted at step {step}. The best checkpoint is {os.path.relpath(out_path)}; "
+            f"continue with: python train.py --resume --out {os.path.relpath(out_path)}")
+        return {**result, "interrupted": step}
 
-    # Score the saved best checkpoint on the whole validation split, then show what it writes.
+    elapsed = time.perf_counter() - t_start
+    log(f"trained to step {step} in {run['train_time_s']:.1f} s "
+        f"({(step - step_start) * tokens_per_step / elapsed:,.0f} tokens/s)")
+    if backup:
+        log(f"the checkpoint that was at {os.path.relpath(out_path)} before is kept as "
+            f"{os.path.relpath(backup)}")
+
+    # Score the best checkpoint on the whole validation split, and store the run's figures in it.
     best_model, _, _ = load_model(out_path, device)
     full_val = full_eval_loss(best_model, val_data, config.block_size, device=device, dtype=dtype)
-    print(f"best val estimate {best['val']:.4f} at step {best['step']}; "
-          f"full validation loss {full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char)")
+    run.update(full_val_loss=round(full_val, 5), best_step=best["step"],
+               tokens_per_s=round((step - step_start) * tokens_per_step / elapsed))
+    checkpoint = load_checkpoint(out_path)
+    checkpoint.update(history=history, run=run)
+    atomic_save(checkpoint, out_path)
+    log(f"best val estimate {best['val']:.4f} at step {best['step']}; "
+        f"full validation loss {full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char)")
+    picture = os.path.splitext(out_path)[0] + ".png"
+    try:
+        plot_history(history, picture, title=f"{config.model}: {os.path.basename(out_path)}")
+        log(f"loss curve: {os.path.relpath(picture)}")
+    except SmollError as e:
+        log(f"no loss curve: {e}")
     if sample_chars:
         prompt = torch.tensor([tokenizer.encode(text[0])], device=device)
         ids = best_model.generate(prompt, sample_chars)[0].tolist()
-        print("sample:\n" + tokenizer.decode(ids))
-    return {"best_val": best["val"], "best_step": best["step"], "full_val": full_val}
+        log("sample:\n" + tokenizer.decode(ids))
+    return {**result, "full_val": full_val}
+
+
+def check_finite(value, step, out_path, config):
+    if not math.isfinite(value):
+        raise SmollError(f"the loss became {value} at step {step}: training diverged. The last good "
+                         f"checkpoint {os.path.relpath(out_path)} is untouched; try a lower "
+                         f"--learning_rate than {config.learning_rate} or a longer --warmup_iters.")
+
+
+def stop_requested(stop, step, world_size, device):
+    """Whether to stop now. Under torchrun every rank must stop at the same step, so the ranks
+    agree every 10 steps (one tiny all-reduce); alone, a Ctrl-C takes effect at once."""
+    if world_size == 1:
+        return stop.requested
+    if step % 10 != 0:
+        return False
+    flag = torch.tensor([float(stop.requested)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def eval_only(weights, data_path, device_name):
-    """Print a checkpoint's full validation loss on the text at data_path."""
+    """Print each checkpoint's run and its full validation loss, side by side."""
     device = get_device(device_name)
-    model, tokenizer, config = load_model(weights, device)
-    data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
-    _, val_data = split_data(data, config.block_size)
-    loss = full_eval_loss(model, val_data, config.block_size, device=device)
-    print(f"{os.path.relpath(weights)}: {config.model} trained {checkpoint_summary(config)}")
-    print(f"full validation loss {loss:.4f} nats/char ({loss / math.log(2):.4f} bits/char) "
-          f"over {len(val_data) - 1:,} characters of {os.path.relpath(data_path)}")
-    return loss
+    rows = []
+    for path in weights:
+        model, tokenizer, config = load_model(path, device)
+        checkpoint = load_checkpoint(path)
+        data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
+        _, val_data = split_data(data, config.block_size)
+        loss = full_eval_loss(model, val_data, config.block_size, device=device)
+        run = checkpoint.get("run", {})
+        rows.append({
+            "checkpoint": os.path.relpath(path),
+            "model": describe_config(config),
+            "parameters": format_count(sum(p.numel() for p in model.parameters())),
+            "step": f"{checkpoint['step']} of {config.max_iters}",
+            "trained on": f"{run.get('device', '?')} ({run.get('dtype', '?')}"
+                          + (f", {run['world_size']} processes" if run.get("world_size", 1) > 1 else "")
+                          + ")",
+            "training time": f"{run['train_time_s']:.0f} s" if "train_time_s" in run else "?",
+            "git commit": run.get("git_commit", "?"),
+            "val loss estimate": f"{checkpoint['val_loss']:.4f}",
+            "full val loss": f"{loss:.4f} nats/char",
+            "bits/char": f"{loss / math.log(2):.4f}",
+        })
+    print(f"full validation loss over the last 10% of {os.path.relpath(data_path)}, every "
+          f"character counted once:")
+    width = max(len(k) for k in rows[0])
+    columns = [max(len(r[k]) for k in r) for r in rows]
+    for key in rows[0]:
+        print(f"  {key:<{width}}  " + "  ".join(f"{r[key]:<{w}}" for r, w in zip(rows, columns)))
+    return rows
 
 
-def checkpoint_summary(config):
+def format_count(n):
+    return f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n:,}"
+
+
+def describe_config(config):
     if config.model == "bigram":
-        return f"with block_size {config.block_size}, {config.max_iters} steps"
-    return (f"with {config.n_layer} layers x {config.n_head} heads x {config.n_embd} dims, "
-            f"context {config.block_size}, {config.max_iters} steps")
+        return "bigram"
+    return f"tinygpt {config.n_layer}L x {config.n_head}H x {config.n_embd}, ctx {config.block_size}"
 
 
 def build_parser():
@@ -207,10 +421,13 @@ def build_parser():
                              "(default: dataset/tinyshakespeare.txt)")
     parser.add_argument("--out", help="where to save the best checkpoint (default: models/tinygpt.pth, "
                                       "or models/model_weights.pth for the bigram)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run saved at --out (from its NAME.last.pth), with its "
+                             "own hyperparameters")
     parser.add_argument("--eval_only", action="store_true",
-                        help="do not train: print the full validation loss of --weights on --data")
-    parser.add_argument("--weights", help="checkpoint to score with --eval_only "
-                                          "(default: the shipped weights of --model)")
+                        help="do not train: print the full validation loss of each --weights on --data")
+    parser.add_argument("--weights", nargs="+", help="checkpoint(s) to score with --eval_only "
+                                                     "(default: the shipped weights of --model)")
     add_config_args(parser)
     return parser
 
@@ -220,13 +437,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.eval_only:
-            eval_only(args.weights or DEFAULT_WEIGHTS[args.model], args.data, args.device or "auto")
+            eval_only(args.weights or [DEFAULT_WEIGHTS[args.model]], args.data, args.device or "auto")
             return
+        if args.resume:
+            fixed = [f"--{k}" for k, v in vars(args).items() if k in HYPERPARAMETERS and v is not None]
+            if args.preset or fixed:
+                parser.error(f"--resume continues the saved run with its own hyperparameters: "
+                             f"drop {' '.join(fixed or ['--preset'])}.")
         try:
             config = config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
-        train(config, args.data, args.out)
+        result = train(config, args.data, args.out, resume=args.resume)
+        if result.get("interrupted") is not None:
+            sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     except SmollError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -6,6 +6,8 @@ Public API: load_model(path, device="cpu") -> (model, tokenizer, config).
 import contextlib
 import math
 import os
+import platform
+import subprocess
 import tempfile
 from dataclasses import asdict
 
@@ -46,6 +48,20 @@ def get_device(name="auto"):
     return torch.device(name)
 
 
+def describe_device(device):
+    """A human name for the device, for logs and checkpoints: "NVIDIA H100 80GB HBM3", "AMD EPYC ..."."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+            name = names[0] if names else name
+        return f"{name} CPU, {torch.get_num_threads()} threads"
+    return device.type
+
+
 def cpu_has_fast_bf16():
     """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 is ~2x fp32."""
     try:
@@ -78,10 +94,10 @@ def autocast(device, dtype):
 # Text and tokenizer
 
 
-def read_text(path):
+def read_text(path, flag="--data"):
     """Read a UTF-8 text file, with a clear error for each way it can be unusable."""
     if not os.path.isfile(path):
-        raise SmollError(f"text file '{path}' does not exist: pass an existing file with --data.")
+        raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -89,7 +105,7 @@ def read_text(path):
         raise SmollError(f"'{path}' is not UTF-8 text: convert it first, for example with "
                          f"`iconv -t UTF-8 {path} > text.txt`.") from None
     if not text:
-        raise SmollError(f"'{path}' is empty: give a text with at least a few thousand characters.")
+        raise SmollError(f"'{path}' is empty: give {flag} a file with some text in it.")
     return text
 
 
@@ -181,28 +197,31 @@ def full_eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=t
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # A checkpoint is one dict of plain types and tensors, so it loads with weights_only=True:
-#   model_state  the state_dict, stored in float16 to halve the file (loading casts it back)
+#   model_state  the state_dict; float16 in the best checkpoint to halve the file (loading casts
+#                it back), float32 in the NAME.last.pth training state
 #   config       the Config as a dict; config["model"] names the model type
 #   vocab        the characters, in id order
 #   step         the optimizer step it was taken at
-#   val_loss     the validation loss estimate at that step
+#   val_loss     the validation loss estimate of the best step so far
+#   history      one dict per evaluation: step, train_loss, val_loss, lr, tokens_per_s, time_s
+#   run          where and how it was trained: git commit, device, dtype, torch, time, figures
+# The NAME.last.pth training state adds optimizer, rng and best_step, for --resume.
 
 
-def save_checkpoint(path, model, config, tokenizer, step, val_loss):
-    """Write a checkpoint atomically: into a temp file beside path, then rename over it.
+def atomic_save(obj, path):
+    """torch.save into a temp file beside path, then rename over it.
 
     A crash or Ctrl-C mid-write leaves the old file untouched, never a half-written one.
     """
-    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype)
-             for k, v in model.state_dict().items()}
-    checkpoint = {"model_state": state, "config": asdict(config), "vocab": tokenizer.chars,
-                  "step": step, "val_loss": val_loss}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -210,6 +229,16 @@ def save_checkpoint(path, model, config, tokenizer, step, val_loss):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def save_checkpoint(path, model, config, tokenizer, step, val_loss, half=True, **extra):
+    """Save a self-describing checkpoint atomically; extra keys (history, run, ...) are added as is."""
+    dtype = torch.float16 if half else torch.float32
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
+             for k, v in model.state_dict().items()}
+    checkpoint = {"model_state": state, "config": asdict(config), "vocab": tokenizer.chars,
+                  "step": step, "val_loss": val_loss, **extra}
+    atomic_save(checkpoint, path)
 
 
 def load_checkpoint(path):
@@ -246,3 +275,69 @@ def load_model(path, device="cpu"):
                          f"disagree): retrain it with `python train.py`.") from None
     model.to(device).eval()
     return model, tokenizer, config
+
+
+def git_commit():
+    """The commit the code was run from, with "-dirty" for uncommitted changes, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures. matplotlib is optional: it is imported only when a picture is drawn.
+
+
+def import_pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SmollError("drawing pictures needs matplotlib: `pip install matplotlib`.") from None
+    matplotlib.use("Agg")  # draw to files; no window needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_history(history, path, title=""):
+    """Draw train and val loss against the step, and save it as a PNG."""
+    plt = import_pyplot()
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120, layout="constrained")
+    ax.plot(steps, [h["train_loss"] for h in history], marker=".", label="train")
+    ax.plot(steps, [h["val_loss"] for h in history], marker=".", label="val")
+    best = min(history, key=lambda h: h["val_loss"])
+    ax.scatter([best["step"]], [best["val_loss"]], marker="*", s=150, color="C1", zorder=3,
+               label=f"best val {best['val_loss']:.3f} (step {best['step']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_attention(maps, chars, path, title=""):
+    """Draw attention maps (n_layer, n_head, T, T) as a grid of heatmaps, one per layer and head.
+
+    Row t of a panel shows how much the character at t attends to each earlier character.
+    """
+    plt = import_pyplot()
+    n_layer, n_head, T, _ = maps.shape
+    size = 1.2 + 0.12 * T  # inches per panel, so the tick labels stay readable
+    fig, axes = plt.subplots(n_layer, n_head, figsize=(size * n_head, size * n_layer), dpi=100,
+                             squeeze=False, layout="constrained")
+    labels = ["␣" if c == " " else repr(c)[1:-1] if c.isspace() else c for c in chars]  # "\n" shows
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            ax.imshow(maps[layer, head].float().cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+            ax.set_xticks(range(T), labels, fontsize=7)
+            ax.set_yticks(range(T), labels, fontsize=7)
+            ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
+    fig.suptitle(title)
+    fig.savefig(path)
+    plt.close(fig)

@@ -175,7 +175,8 @@ def test_training_is_reproducible_and_keeps_the_previous_checkpoint(tmp_path, ti
     weights = torch.load(out, weights_only=True)["model_state"]
 
     second = train(tiny_config, tiny_text, str(out), sample_chars=0)
-    assert first == second
+    assert (first["best_val"], first["full_val"]) == (second["best_val"], second["full_val"])
+    assert [h["val_loss"] for h in first["history"]] == [h["val_loss"] for h in second["history"]]
     again = torch.load(out, weights_only=True)["model_state"]
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     assert first["full_val"] < math.log(len(set(open(tiny_text, encoding="utf-8").read())))
