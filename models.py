@@ -1,6 +1,7 @@
 """smoll's two character-level language models, built bottom-up.
 
     sample_next      -> turns the last position's logits into the next character id
+    KVCache          -> keys and values kept between decoding steps, so each step is cheap
     LanguageModel    -> what both models share: generate() and stream()
     Bigram           -> the baseline: next character from the previous one alone
     rotary helpers   -> position information for TinyGPT (RoPE)
@@ -47,33 +48,79 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     return torch.multinomial(probs, num_samples=1)  # (B, 1)
 
 
+class KVCache:
+    """Each attention layer's keys and values for the last window - 1 positions.
+
+    Without a cache, every new character means a forward pass over the whole window. With one,
+    the model only runs the new character: its query attends to the keys and values kept here.
+    The keys are stored already rotated (RoPE) for their positions; attention scores depend only
+    on the offset between two positions, so the stored keys stay right as the window slides.
+    Past the window this is sliding-window attention: at every layer, each position attends to the
+    `window` positions ending at itself. TinyGPT's forward pass over a longer sequence computes
+    exactly that, and the tests check that the cache matches it.
+    """
+
+    def __init__(self, window):
+        self.window = window
+        self.keep = window - 1  # a new position attends to itself and the window - 1 before it
+        self.pos = 0  # how many positions the model has processed
+        self.k, self.v = {}, {}  # layer -> buffer (B, nh, 2 * window, hs)
+        self.n = {}  # layer -> how many entries of its buffer are filled
+
+    def update(self, layer, k, v):
+        """Add the new keys and values (B, nh, T, hs) of one layer, T <= window. Returns what the
+        new queries may attend to: the kept past, then the new ones (B, nh, S, hs)."""
+        T = k.size(2)
+        if layer not in self.k:  # room for a window of past and a window of new entries
+            shape = (k.size(0), k.size(1), 2 * self.window, k.size(3))
+            self.k[layer], self.v[layer], self.n[layer] = k.new_empty(shape), v.new_empty(shape), 0
+        k_buf, v_buf, n = self.k[layer], self.v[layer], self.n[layer]
+        if n + T > k_buf.size(2):  # full: move the part still needed to the front, once a window
+            k_buf[:, :, :self.keep] = k_buf[:, :, n - self.keep:n].clone()
+            v_buf[:, :, :self.keep] = v_buf[:, :, n - self.keep:n].clone()
+            n = self.keep
+        k_buf[:, :, n:n + T], v_buf[:, :, n:n + T] = k, v
+        self.n[layer] = n + T
+        start = max(0, n - self.keep)
+        return k_buf[:, :, start:n + T], v_buf[:, :, start:n + T]  # (B, nh, S, hs)
+
+
 class LanguageModel(nn.Module):
-    """Base class: subclasses set self.block_size and define forward(idx, targets=None)."""
+    """Base class: subclasses set self.block_size and define forward(idx, targets=None, cache=None)."""
 
     block_size: int
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
-        This is the plain reference decoder: for every new character it runs the full forward
-        pass over the last block_size characters. Dropout is off while sampling.
+        use_cache=True runs only the new character through the model at each step (see KVCache).
+        use_cache=False is the plain reference decoder: for every new character it runs the full
+        forward pass over the last block_size characters. The two agree exactly while the text
+        fits in the window. Dropout is off while sampling.
         """
         was_training = self.training
         self.eval()
         try:
+            cache = KVCache(self.block_size) if use_cache else None
+            unseen = idx  # (B, T): what the cache has not processed yet
             for _ in range(max_new_tokens):
-                idx_cond = idx[:, -self.block_size:]  # (B, <=block_size): the model's window
-                logits, _ = self(idx_cond)  # (B, T, V)
+                if cache is None:
+                    logits, _ = self(idx[:, -self.block_size:])  # (B, <=block_size, V)
+                else:  # a long prompt goes in window-sized pieces; after it, one id at a time
+                    for piece in unseen.split(self.block_size, dim=1):
+                        logits, _ = self(piece, cache=cache)  # (B, <=block_size, V)
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
-                idx = torch.cat([idx, next_id], dim=1)  # (B, T+1)
+                if cache is None:
+                    idx = torch.cat([idx, next_id], dim=1)  # (B, T+1)
+                unseen = next_id
                 yield next_id
         finally:
             self.train(was_training)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Return idx (B, T) extended by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
-        new_ids = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p))
+        new_ids = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
         return torch.cat([idx, *new_ids], dim=1)
 
 
@@ -96,7 +143,8 @@ class Bigram(LanguageModel):
         # Small weights give near-uniform predictions, so the loss starts at about ln(vocab).
         nn.init.normal_(self.token_embedding_table.weight, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        # The prediction depends on the current character alone, so there is nothing to cache.
         logits = self.token_embedding_table(idx)  # (B, T, V)
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
@@ -109,64 +157,95 @@ class Bigram(LanguageModel):
 # so attention sees relative positions, and no position table has to be learned.
 
 
-def rotary_tables(head_size, length, base=10000.0):
-    """cos and sin tables, each of shape (length, head_size // 2)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,)
-    angles = torch.outer(torch.arange(length).float(), inv_freq)  # (length, hs/2)
-    return angles.cos(), angles.sin()
+def rotary_tables(head_size, positions, base=10000.0):
+    """cos and sin tables for the given positions (a 1-D tensor), each (len(positions), head_size // 2).
+
+    The angles are computed in float64, so that they stay exact for positions in the millions.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
+    angles = torch.outer(positions.to(torch.float64), inv_freq)  # (T, hs/2)
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (B, nh, T, hs) by the angles for its T positions; cos, sin are (T, hs/2)."""
-    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2): channel i is paired with i + hs/2
+    """Rotate x (..., T, hs) by the angles for its T positions; cos, sin are (T, hs/2)."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., T, hs/2): channel i is paired with i + hs/2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, nh, T, hs)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., T, hs)
 
 
 # ----------------------------------------------------------------------------------------------
 # The transformer
 
 
-def causal_attention(q, k, v, dropout_p=0.0):
+def causal_mask(T, S, window, device=None):
+    """(T, S) booleans: may query i attend to key j? The T queries are the last T of S positions.
+
+    A position sees itself and the positions before it, but at most `window` positions in all.
+    Within the window (S <= window) this is the usual lower-triangular causal mask.
+    """
+    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (T, S)
+
+
+def causal_attention(q, k, v, window, dropout_p=0.0, return_weights=False):
     """Scaled dot-product attention with a causal mask, written out step by step.
 
-    q, k, v: (B, nh, T, hs). Returns (B, nh, T, hs). Position t may only look at positions <= t,
-    so the model cannot peek at the characters it is asked to predict.
-    F.scaled_dot_product_attention(q, k, v, is_causal=True) computes the same thing in one fused,
-    memory-saving kernel; CausalSelfAttention uses it, and tests/ check that the two agree.
+    q: (B, nh, T, hs); k, v: (B, nh, S, hs), where the T queries are the last T of S positions.
+    Returns (B, nh, T, hs), and also the attention weights (B, nh, T, S) if return_weights.
+    A position may only look at itself and earlier positions, so the model cannot peek at the
+    characters it is asked to predict.
+    F.scaled_dot_product_attention computes the same thing in one fused, memory-saving kernel;
+    CausalSelfAttention uses it, and tests/ check that the two agree.
     """
-    T, hs = q.size(-2), q.size(-1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T): how much t attends to s
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # (T, T): s <= t
-    att = att.masked_fill(~mask, float("-inf"))  # the future gets zero weight after softmax
+    T, S, hs = q.size(-2), k.size(-2), q.size(-1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S): how much t attends to s
+    mask = causal_mask(T, S, window, q.device)  # (T, S)
+    att = att.masked_fill(~mask, float("-inf"))  # masked positions get zero weight after softmax
     att = F.softmax(att, dim=-1)  # each row sums to 1
-    att = F.dropout(att, p=dropout_p, training=dropout_p > 0)
-    return att @ v  # (B, nh, T, hs): a weighted average of the values
+    y = F.dropout(att, p=dropout_p, training=dropout_p > 0) @ v  # (B, nh, T, hs): weighted values
+    return (y, att) if return_weights else y
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
+        self.window = config.block_size
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.use_sdpa = True  # False runs the written-out causal_attention instead
+        self.keep_weights = False  # True stores each forward's attention weights in self.weights
+        self.weights = None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        # Split the channels into heads: each head attends on its own slice of hs = C / nh channels.
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # positions enter here
+        # q, k and v for every head in one matmul. Each head attends on its own slice of
+        # hs = C / nh channels.
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
+        q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
+        S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
-        if self.use_sdpa:
+        if self.keep_weights:  # someone wants to look at the attention: take the written-out path
+            y, self.weights = causal_attention(q, k, v, self.window, dropout_p, return_weights=True)
+        elif not self.use_sdpa:
+            y = causal_attention(q, k, v, self.window, dropout_p)  # (B, nh, T, hs)
+        elif T == S <= self.window:  # training, or a prompt that fits: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            y = causal_attention(q, k, v, dropout_p=dropout_p)  # (B, nh, T, hs)
+        elif T == 1 and S <= self.window:  # one new character: it may see everything in the cache
+            # For a single query, the three plain steps are faster than the fused kernel on a CPU.
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, 1, S)
+            y = F.softmax(att, dim=-1) @ v  # (B, nh, 1, hs)
+        else:  # past the window: a sliding causal mask
+            mask = causal_mask(T, S, self.window, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
@@ -198,8 +277,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.ln_1(x), cos, sin)  # (B, T, C): tokens exchange information
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, layer)  # (B, T, C): tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # (B, T, C): each token thinks on its own
         return x
 
@@ -214,9 +293,11 @@ class TinyGPT(LanguageModel):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         # The rotary tables are derived from the config, so they are not saved in checkpoints.
-        cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+        self.head_size = config.n_embd // config.n_head
+        cos, sin = rotary_tables(self.head_size, torch.arange(config.block_size))
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
         self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs/2)
+        self._far_rope = (0, cos[:0], sin[:0])  # tables past block_size: see far_rotary_tables
 
         # GPT-2 initialisation: small normal weights. Each block adds two projections onto the
         # residual stream, so those are scaled down by sqrt(2 * n_layer) to keep its variance flat.
@@ -230,17 +311,52 @@ class TinyGPT(LanguageModel):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> logits (B, T, V) and the loss, or None without targets.
+
+        With a cache, idx holds only the characters the cache has not seen, and it is updated.
+        A sequence longer than block_size gets sliding-window attention: each position attends
+        to the block_size positions ending at itself, exactly what the cache does past the window.
+        """
         B, T = idx.shape
-        if T > self.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.block_size}")
+        start = cache.pos if cache is not None else 0  # the position of idx[:, 0]
+        if start + T <= self.block_size:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs/2)
+        else:
+            cos, sin = self.far_rotary_tables(start, T, idx.device)  # (T, hs/2)
         x = self.drop(self.token_embedding(idx))  # (B, T, C)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs/2) each
-        for block in self.blocks:
-            x = block(x, cos, sin)  # (B, T, C)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in every layer
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.pos += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
+
+    def far_rotary_tables(self, start, T, device):
+        """Rotary tables for positions past block_size, which only sampling with a KV cache or a
+        long sequence reaches. They are made 4096 positions at a time and reused."""
+        first, cos, sin = self._far_rope
+        if not (first <= start and start + T <= first + len(cos)) or cos.device != device:
+            first = start
+            cos, sin = rotary_tables(self.head_size, torch.arange(start, start + max(T, 4096)))
+            cos, sin = cos.to(device), sin.to(device)
+            self._far_rope = (first, cos, sin)
+        return cos[start - first:start - first + T], sin[start - first:start - first + T]
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """Attention weights for idx (1, T): a tensor (n_layer, n_head, T, T), rows summing to 1."""
+        attns = [block.attn for block in self.blocks]
+        for attn in attns:
+            attn.keep_weights = True
+        try:
+            self(idx)
+            return torch.stack([attn.weights[0] for attn in attns])  # (L, nh, T, T)
+        finally:
+            for attn in attns:
+                attn.keep_weights, attn.weights = False, None
 
 
 def build_model(config, vocab_size):

@@ -2,17 +2,27 @@
 
     python play.py                                  # 500 characters from models/tinygpt.pth
     python play.py --prompt "ROMEO:" --length 300 --temperature 0.8 --top_k 20
+    python play.py --interactive                    # type prompts, read continuations
     python play.py --model bigram                   # the Bigram, from models/model_weights.pth
-    python play.py --weights models/mine.pth --seed 7
+    python play.py --weights models/mine.pth --seed 7 --num_samples 3
+    python play.py --attention attention.png --prompt "ROMEO: I love"   # draw the attention maps
 """
 
 import argparse
 import sys
+import time
 
 import torch
+from tqdm import tqdm
 
 from config import MODELS
-from utils import DEFAULT_WEIGHTS, SmollError, get_device, load_model
+from utils import (DEFAULT_WEIGHTS, SmollError, get_device, load_model, plot_attention, read_text,
+                   resolve_dtype)
+
+INTERACTIVE_HELP = """\
+Type a prompt and press Enter: the model continues it. An empty line starts from scratch.
+Commands: /temperature F  /length N  /top_k N (0: off)  /top_p F (1: off)  /seed N  /settings  /help
+Ctrl-C stops a long answer. Ctrl-C or Ctrl-D at the prompt (or /quit) leaves."""
 
 
 def build_parser():
@@ -24,6 +34,7 @@ def build_parser():
     parser.add_argument("--weights", help="a checkpoint written by train.py; its model type is read "
                                           "from the file")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from scratch)")
+    parser.add_argument("--prompt_file", help="read the prompt from this UTF-8 file instead")
     parser.add_argument("--length", type=int, default=500, help="characters to generate (default: 500)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="below 1 is safer, above 1 is wilder; 0 always takes the likeliest "
@@ -32,21 +43,157 @@ def build_parser():
     parser.add_argument("--top_p", type=float,
                         help="sample only from the likeliest characters that together hold "
                              "probability p (nucleus sampling)")
+    parser.add_argument("--num_samples", type=int, default=1,
+                        help="how many continuations to write, generated together in one batch")
     parser.add_argument("--seed", type=int, help="fix the randomness: the same seed gives the same text")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights' precision while sampling (default: float32, where the cache "
+                             "gives exactly the text of --no_cache). bfloat16 is faster for "
+                             "large models on CPUs with bf16 instructions")
+    parser.add_argument("--interactive", action="store_true",
+                        help="a prompt loop in the terminal; /help lists its commands")
+    parser.add_argument("--verbose", action="store_true", help="print the speed in characters/s at the end")
+    parser.add_argument("--no_cache", action="store_true",
+                        help="decode without the KV cache: rerun the whole window for every "
+                             "character (slow; the reference the cache is tested against)")
+    parser.add_argument("--attention", metavar="PNG",
+                        help="instead of generating, draw TinyGPT's attention maps for --prompt "
+                             "into this PNG: one panel per layer and head (needs matplotlib)")
     return parser
+
+
+def check_settings(length, temperature, top_k, top_p):
+    """Raise ValueError with the fix for a bad sampling setting."""
+    if length < 0:
+        raise ValueError(f"--length must be 0 or more, got {length}.")
+    if temperature < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or positive, got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}.")
 
 
 def check_args(parser, args):
     """One clear error per bad value, before any work is done."""
-    if args.length < 0:
-        parser.error(f"--length must be 0 or more, got {args.length}.")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be 0 (greedy) or positive, got {args.temperature}.")
-    if args.top_k is not None and args.top_k < 1:
-        parser.error(f"--top_k must be at least 1, got {args.top_k}.")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error(f"--top_p must be in (0, 1], got {args.top_p}.")
+    try:
+        check_settings(args.length, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be at least 1, got {args.num_samples}.")
+    if args.prompt and args.prompt_file:
+        parser.error("give the prompt with --prompt or with --prompt_file, not both.")
+    if args.attention and not (args.prompt or args.prompt_file):
+        parser.error("--attention draws what the model attends to in a text: give one with --prompt.")
+    if args.interactive and (args.attention or args.num_samples > 1):
+        parser.error("--interactive writes one continuation at a time: drop --attention and --num_samples.")
+
+
+def write_continuation(model, tokenizer, prompt, args, device, what="--prompt"):
+    """Print the prompt and its continuation(s). Returns (characters generated, seconds)."""
+    out = sys.stdout
+    start = prompt or ("\n" if "\n" in tokenizer.stoi else tokenizer.chars[0])
+    ids = tokenizer.encode(start, what=what)
+    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # (N, T)
+    steps = model.stream(idx, args.length, args.temperature, args.top_k, args.top_p,
+                         use_cache=not args.no_cache)
+    t0 = time.perf_counter()
+    if args.num_samples == 1:  # print each character the moment it exists
+        out.write(prompt)
+        out.flush()
+        for next_id in steps:
+            out.write(tokenizer.decode(next_id[0].tolist()))
+            out.flush()
+        out.write("\n")
+    else:  # a batch: show progress, then each sample in turn
+        new_ids = [next_id for next_id in tqdm(steps, total=args.length, file=sys.stderr, leave=False)]
+        rows = torch.cat(new_ids, dim=1).tolist() if new_ids else [[] for _ in range(args.num_samples)]
+        for i, row in enumerate(rows):
+            out.write(f"--- sample {i + 1} of {args.num_samples} ---\n{prompt}{tokenizer.decode(row)}\n")
+    out.flush()
+    return args.length * args.num_samples, time.perf_counter() - t0
+
+
+def report_speed(n_chars, seconds, args, device):
+    mode = "no cache" if args.no_cache else "KV cache"
+    print(f"[{n_chars} characters in {seconds:.2f} s: {n_chars / max(seconds, 1e-9):,.0f} characters/s, "
+          f"{mode}, {device}, {args.dtype}]", file=sys.stderr)
+
+
+def interactive(model, tokenizer, config, args, device):
+    print(f"smoll {config.model}, {len(tokenizer.chars)} characters known, on {device}.\n{INTERACTIVE_HELP}")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.startswith("/"):
+            if not run_command(line, args):
+                return
+            continue
+        try:
+            n_chars, seconds = write_continuation(model, tokenizer, line, args, device, "the prompt")
+            if args.verbose:
+                report_speed(n_chars, seconds, args, device)
+        except KeyboardInterrupt:
+            print("\n(stopped)")
+        except SmollError as e:
+            print(f"error: {e}")
+
+
+def run_command(line, args):
+    """Apply one /command to the settings in args. Returns False to leave."""
+    name, _, value = line[1:].strip().partition(" ")
+    value = value.strip()
+    if name in ("quit", "exit", "q"):
+        return False
+    if name in ("help", "h", "?"):
+        print(INTERACTIVE_HELP)
+        return True
+    if name == "settings":
+        print(f"temperature {args.temperature}, length {args.length}, top_k {args.top_k}, "
+              f"top_p {args.top_p}, seed {args.seed}")
+        return True
+    kinds = {"temperature": float, "length": int, "top_k": int, "top_p": float, "seed": int}
+    if name not in kinds:
+        print(f"unknown command /{name}: /help lists the commands.")
+        return True
+    try:
+        new = kinds[name](value)
+    except ValueError:
+        print(f"/{name} needs a number, e.g. /{name} {'0.8' if kinds[name] is float else '200'}.")
+        return True
+    if name == "top_k" and new == 0 or name == "top_p" and new == 1:
+        new = None  # switched off
+    settings = {"length": args.length, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, name: new}
+    if name != "seed":
+        try:
+            check_settings(**settings)
+        except ValueError as e:
+            print(str(e).replace("--", "/"))
+            return True
+    else:
+        torch.manual_seed(new)
+    setattr(args, name, new)
+    print(f"{name} = {new}")
+    return True
+
+
+def draw_attention(model, tokenizer, config, prompt, path, device):
+    if not hasattr(model, "attention_maps"):
+        raise SmollError(f"a {config.model} model has no attention to draw: use TinyGPT weights.")
+    if len(prompt) > config.block_size:
+        raise SmollError(f"--prompt has {len(prompt)} characters but the model sees at most "
+                         f"{config.block_size}: shorten it (under 40 keeps the picture readable).")
+    idx = torch.tensor([tokenizer.encode(prompt, what="--prompt")], device=device)  # (1, T)
+    maps = model.attention_maps(idx)  # (n_layer, n_head, T, T)
+    plot_attention(maps, list(prompt), path, title=f"attention of {config.model} on {prompt!r}")
+    print(f"attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over "
+          f"{len(prompt)} characters: {path}")
 
 
 def play(args):
@@ -56,20 +203,22 @@ def play(args):
     if args.model and args.model != config.model:
         raise SmollError(f"'{weights}' holds a {config.model} model, not a {args.model}: "
                          f"drop --model, or pass --weights of a {args.model}.")
+    dtype = resolve_dtype(args.dtype, device)
+    model.to(dtype)
+    args.dtype = str(dtype)[6:]  # "float32" or "bfloat16", for --verbose
+    prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
+    if args.attention:
+        draw_attention(model, tokenizer, config, prompt, args.attention, device)
+        return
     if args.seed is not None:
         torch.manual_seed(args.seed)
-
-    # With no prompt, start from a newline (the start of a line), or the first character.
-    start = args.prompt or ("\n" if "\n" in tokenizer.stoi else tokenizer.chars[0])
-    ids = tokenizer.encode(start, what="--prompt")
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    for next_id in model.stream(idx, args.length, args.temperature, args.top_k, args.top_p):
-        out.write(tokenizer.decode(next_id[0].tolist()))
-        out.flush()
-    out.write("\n")
+    if args.interactive:
+        interactive(model, tokenizer, config, args, device)
+        return
+    what = "--prompt_file" if args.prompt_file else "--prompt"
+    n_chars, seconds = write_continuation(model, tokenizer, prompt, args, device, what)
+    if args.verbose:
+        report_speed(n_chars, seconds, args, device)
 
 
 def main(argv=None):
@@ -84,6 +233,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `python play.py | head`: the reader left, nothing is wrong
+        sys.stderr.close()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,131 @@
+"""Measure how fast smoll trains and samples on this machine.
+
+    python bench.py                        # the default TinyGPT (6 x 384, context 256)
+    python bench.py --preset cpu           # the model that --preset cpu trains
+    python bench.py --batch_size 8 --sample_chars 2000 --device cpu
+
+Training: tokens/s, ms per optimizer step, the achieved FLOP/s, and that figure as a fraction
+of this device's matmul peak, measured in the same run. Sampling: characters/s with the KV
+cache and with the plain decoder (the whole window rerun for every character), both in steady
+state past the end of the context window. The weights are random: speed does not depend on them.
+"""
+
+import argparse
+import time
+
+import torch
+
+from config import MODELS, PRESETS, add_config_args, config_from_args
+from models import build_model
+from train import make_optimizer
+from utils import SmollError, autocast, describe_device, get_device, resolve_dtype
+
+VOCAB = 65  # Tiny Shakespeare's
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def matmul_peak(device, dtype, n=2048, repeats=10):
+    """FLOP/s of a large square matmul: a practical ceiling for this device and dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats)
+
+
+def flops_per_token(model, config):
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's QK^T and AV
+    (the PaLM paper's estimate). The embedding lookup is not a matmul, so it is not counted."""
+    n_params = sum(p.numel() for p in model.parameters()) - model.token_embedding.weight.numel()
+    return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
+
+
+def bench_training(config, device, dtype, steps):
+    torch.manual_seed(0)
+    model = build_model(config, VOCAB).to(device)
+    optimizer = make_optimizer(model, config, device)
+    x = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
+    y = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, device, steps)
+    tokens = config.batch_size * config.block_size
+    achieved = flops_per_token(model, config) * tokens / seconds
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds, "flops": achieved}
+
+
+def bench_sampling(config, device, dtype, chars, use_cache):
+    """Characters/s generating `chars` characters after a prompt that fills the whole window."""
+    torch.manual_seed(0)
+    model = build_model(config, VOCAB).to(device, dtype).eval()
+    prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
+    steps = model.stream(prompt, chars + 1, use_cache=use_cache)
+    next(steps)  # the prompt itself is not timed: from here on, every step is past the window
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in steps:
+        pass
+    sync(device)
+    return chars / (time.perf_counter() - t0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Measure smoll's training and sampling speed.")
+    parser.add_argument("--model", choices=MODELS, default="tinygpt", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=list(PRESETS), help="benchmark a preset's model and batch")
+    parser.add_argument("--train_steps", type=int, default=10, help="timed training steps (default: 10)")
+    parser.add_argument("--sample_chars", type=int, default=1000,
+                        help="characters timed with the KV cache (default: 1000)")
+    parser.add_argument("--reference_chars", type=int, default=50,
+                        help="characters timed with the plain decoder (default: 50)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        device = get_device(config.device)
+    except SmollError as e:
+        parser.exit(1, f"error: {e}\n")
+    dtype = resolve_dtype(config.dtype, device)
+
+    print(f"device: {describe_device(device)} | torch {torch.__version__} | training in {str(dtype)[6:]}")
+    print(f"model: {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, context "
+          f"{config.block_size}, batch {config.batch_size}")
+    peak = matmul_peak(device, dtype)
+    print(f"matmul peak ({str(dtype)[6:]}, 2048 x 2048): {peak / 1e9:,.0f} GFLOP/s")
+    t = bench_training(config, device, dtype, args.train_steps)
+    print(f"training: {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
+          f"{t['flops'] / 1e9:,.1f} GFLOP/s achieved = {100 * t['flops'] / peak:.0f}% of the matmul peak")
+    cached = bench_sampling(config, device, dtype, args.sample_chars, use_cache=True)
+    plain = bench_sampling(config, device, dtype, args.reference_chars, use_cache=False)
+    print(f"sampling past the window ({str(dtype)[6:]} weights): {cached:,.0f} chars/s with the KV "
+          f"cache | {plain:,.1f} chars/s rerunning the window (plain decoder) | {cached / plain:.1f}x")
+    if dtype != torch.float32:  # the plain decoder as tutorials run it on a CPU: float32
+        plain32 = bench_sampling(config, device, torch.float32, args.reference_chars, use_cache=False)
+        print(f"plain decoder in float32: {plain32:,.1f} chars/s | the KV cache in "
+              f"{str(dtype)[6:]} is {cached / plain32:.1f}x faster")
+
+
+if __name__ == "__main__":
+    main()
