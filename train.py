@@ -163,6 +163,10 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
         if "optimizer" not in state:
             raise SmollError(f"'{last_path(out_path)}' holds weights but no training state to "
                              f"resume from: start a new run without --resume.")
+        if state["step"] >= state["config"]["max_iters"]:
+            raise SmollError(f"the run saved at '{last_path(out_path)}' already finished all its "
+                             f"{state['step']} steps: there is nothing to resume. Start a new run "
+                             f"(with a larger --max_iters to train longer).")
         config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype)
     rank, world_size, device = setup_distributed(config)
     try:

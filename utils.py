@@ -249,9 +249,10 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
+        shipped = os.path.abspath(path) in DEFAULT_WEIGHTS.values()
+        fix = f"restore it with `git checkout -- {path}`" if shipped else "retrain it with `python train.py`"
         raise SmollError(f"'{path}' is not a readable smoll checkpoint (truncated, corrupt or not "
-                         f"a PyTorch file): retrain it with `python train.py` or restore it, e.g. "
-                         f"`git checkout -- {path}` for the shipped weights.") from None
+                         f"a PyTorch file): {fix}.") from None
     keys = ("model_state", "config", "vocab", "step", "val_loss")
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in keys):
         raise SmollError(f"'{path}' is a PyTorch file but not a smoll checkpoint: pass weights "

@@ -58,6 +58,12 @@ def test_resume_needs_a_saved_run_and_keeps_its_hyperparameters(tmp_path, tiny_t
     with pytest.raises(SystemExit):
         train_script.main(["--resume", "--out", str(tmp_path / "x.pth"), "--n_layer", "3"])
     assert "drop --n_layer" in capsys.readouterr().err
+    done = tmp_path / "done.pth"
+    train(make_config(**TINY), tiny_text, str(done), sample_chars=0)
+    before = done.read_bytes()
+    with pytest.raises(SmollError, match="already finished all its 30 steps"):
+        train(make_config(**TINY), tiny_text, str(done), resume=True)
+    assert done.read_bytes() == before  # a finished run is left as it is
 
 
 def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tiny_text):
