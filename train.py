@@ -1,9 +1,10 @@
 """Train a smoll model on a text file.
 
     python train.py                          # TinyGPT, config.py's defaults (wants a GPU)
-    python train.py --preset cpu             # a TinyGPT sized for a laptop CPU
+    python train.py --preset cpu             # the best TinyGPT a 2-core CPU makes in 5 minutes
     python train.py --model bigram           # the Bigram baseline, in seconds
     python train.py --n_layer 4 --learning_rate 1e-3 --data my_text.txt --out models/mine.pth
+    python train.py --preset cpu --time_budget 90                  # the best model in 90 seconds
     python train.py --resume --out models/mine.pth                 # continue an interrupted run
     python train.py --eval_only --weights models/tinygpt.pth       # score and compare checkpoints
     torchrun --nproc_per_node 4 train.py     # data-parallel on 4 GPUs (or CPU processes)
@@ -43,15 +44,23 @@ from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, CharTokenizer, SmollError, ato
 HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype"}
 
 
-def get_lr(step, config):
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
-    if step < config.warmup_iters:
-        return config.learning_rate * (step + 1) / (config.warmup_iters + 1)
-    progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
-    progress = min(progress, 1.0)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))  # goes from 1 down to 0
+def get_lr(step, config, elapsed=0.0):
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio.
+
+    The decay follows the steps, or with --time_budget the fraction of the budget spent (elapsed
+    seconds), so that a timed run always ends at the bottom of the schedule.
+    """
+    warmup = config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    if config.time_budget > 0:
+        progress = elapsed / config.time_budget
+    else:
+        if step < config.warmup_iters:
+            return warmup
+        progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # goes from 1 down to 0
     min_lr = config.learning_rate * config.min_lr_ratio
-    return min_lr + cosine * (config.learning_rate - min_lr)
+    decayed = min_lr + cosine * (config.learning_rate - min_lr)
+    return min(warmup, decayed) if step < config.warmup_iters else decayed
 
 
 def make_optimizer(model, config, device):
@@ -168,9 +177,14 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
                              f"{state['step']} steps: there is nothing to resume. Start a new run "
                              f"(with a larger --max_iters to train longer).")
         config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype)
+    if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
     rank, world_size, device = setup_distributed(config)
     try:
-        return _train(config, data_path, out_path, sample_chars, state, rank, world_size, device)
+        result = _train(config, data_path, out_path, sample_chars, state, rank, world_size, device)
+        if world_size > 1:
+            dist.barrier()  # the ranks leave together, after rank 0 has scored and saved
+        return result
     finally:
         if world_size > 1:
             dist.destroy_process_group()
@@ -248,25 +262,35 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
                             optimizer=optimizer.state_dict(), rng=rngs, best_step=best["step"],
                             history=history, run=run)
 
-    # In a terminal the bar redraws often; into a log file, every few seconds is plenty.
-    bar = tqdm(total=config.max_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
+    # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws often;
+    # into a log file, every few seconds is plenty.
+    budget = config.time_budget
+    bar = tqdm(total=round(budget) if budget else config.max_iters, initial=0 if budget else step,
+               unit="s" if budget else "step", dynamic_ncols=True, file=sys.stdout,
                mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=rank != 0)
+    eval_seconds = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
     interrupted = False
     with StopFlag() as stop:
         while True:
-            last_step = step == config.max_iters
             run["train_time_s"] = time_before + time.perf_counter() - t_start
+            if budget:
+                last_step = run["train_time_s"] + eval_seconds >= budget
+            else:
+                last_step = step == config.max_iters
             # Evaluate (rank 0 only), keep the best checkpoint, and save the state for --resume.
             due = step % config.eval_interval == 0 or last_step
             if due and not (history and history[-1]["step"] == step):  # a resumed step is done
                 if rank == 0:
+                    t_eval = time.perf_counter()
                     losses = estimate_loss(model, eval_batches, device, dtype)
+                    eval_seconds = time.perf_counter() - t_eval
                     check_finite(losses["train"], step, out_path, config)
                     check_finite(losses["val"], step, out_path, config)
                     elapsed = time.perf_counter() - t_start
                     history.append({"step": step, "train_loss": round(losses["train"], 5),
                                     "val_loss": round(losses["val"], 5),
-                                    "lr": get_lr(min(step, config.max_iters - 1), config),
+                                    "lr": get_lr(min(step, config.max_iters - 1), config,
+                                                 run["train_time_s"]),
                                     "tokens_per_s": round((step - step_start) * tokens_per_step / elapsed),
                                     "time_s": round(run["train_time_s"], 2)})
                     mark = ""
@@ -289,7 +313,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
                 break
 
             # One optimizer step.
-            lr = get_lr(step, config)
+            lr = get_lr(step, config, run["train_time_s"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(train_data, config.batch_size, config.block_size, batch_rng)
@@ -302,7 +326,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            bar.update(1)
+            bar.update(min(time_before + time.perf_counter() - t_start, budget) - bar.n if budget else 1)
             if step % 10 == 0 or step == config.max_iters:  # .item() waits for the GPU: not every step
                 loss_value = loss.item()
                 check_finite(loss_value, step, out_path, config)
@@ -419,7 +443,8 @@ def build_parser():
     parser.add_argument("--model", choices=MODELS, default="tinygpt",
                         help="which model to train (default: tinygpt)")
     parser.add_argument("--preset", choices=list(PRESETS),
-                        help="a named set of overrides from config.py; `cpu` suits a laptop CPU")
+                        help="a named set of overrides from config.py: `cpu` trains the best "
+                             "TinyGPT a laptop CPU makes in 5 minutes (or --time_budget seconds)")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="UTF-8 text to train on; the first 90%% trains, the last 10%% validates "
                              "(default: dataset/tinyshakespeare.txt)")

@@ -186,8 +186,9 @@ def test_config_layers_defaults_model_defaults_preset_and_overrides():
     assert make_config() == Config()
     bigram = make_config(model="bigram")
     assert bigram.learning_rate == 0.1 and bigram.dropout == 0.0
-    cpu = make_config(preset="cpu", n_layer=2)
-    assert cpu.n_layer == 2 and cpu.n_embd == 256  # the override beats the preset, the preset the default
+    cpu = make_config(preset="cpu", n_layer=5)
+    assert cpu.n_layer == 5 and cpu.n_embd == 128  # the override beats the preset, the preset the default
+    assert cpu.time_budget == 300 and make_config(preset="cpu_30min").max_iters == 3000
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -203,3 +204,39 @@ def test_config_layers_defaults_model_defaults_preset_and_overrides():
 def test_bad_config_values_are_rejected_with_a_reason(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_config(**overrides)
+
+
+def test_lr_schedule_follows_the_time_budget():
+    config = make_config(learning_rate=1e-3, warmup_iters=10, min_lr_ratio=0.1, time_budget=100.0)
+    assert get_lr(0, config, elapsed=0.0) == pytest.approx(1e-3 / 11)  # warmup still counts steps
+    assert get_lr(10, config, elapsed=0.0) == pytest.approx(1e-3)
+    assert get_lr(5000, config, elapsed=50.0) == pytest.approx(0.55e-3)  # half the budget spent
+    assert get_lr(99999, config, elapsed=100.0) == pytest.approx(1e-4)  # max_iters plays no part
+    assert get_lr(99999, config, elapsed=130.0) == pytest.approx(1e-4)
+
+
+def test_a_time_budget_stops_the_run_on_time(tmp_path, tiny_config, tiny_text):
+    config = make_config(**{**tiny_config.__dict__, "time_budget": 3.0, "max_iters": 10,
+                            "eval_interval": 50})
+    result = train(config, tiny_text, str(tmp_path / "m.pth"), sample_chars=0)
+    run = torch.load(tmp_path / "m.pth", weights_only=True)["run"]
+    assert 2.0 < run["train_time_s"] <= 3.5  # training and its last evaluation fit the budget
+    assert result["history"][-1]["step"] > 10  # max_iters does not stop a timed run
+    assert result["history"][-1]["lr"] == pytest.approx(config.learning_rate * config.min_lr_ratio,
+                                                        rel=0.2)  # it ends at the bottom of the schedule
+
+
+def test_bfloat16_autocast_matches_float32():
+    torch.manual_seed(0)
+    model = TinyGPT(make_config(n_layer=2, n_embd=64, n_head=4, block_size=32, dropout=0.0), 65)
+    x, y = torch.randint(65, (4, 32)), torch.randint(65, (4, 32))
+    _, loss32 = model(x, y)
+    grads32 = torch.autograd.grad(loss32, list(model.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16 = model(x, y)
+    grads16 = torch.autograd.grad(loss16, list(model.parameters()))
+    assert loss16.dtype == torch.float32  # the loss is computed in float32 even under autocast
+    assert abs(loss16.item() - loss32.item()) < 0.01
+    flat32 = torch.cat([g.flatten() for g in grads32])
+    flat16 = torch.cat([g.flatten().float() for g in grads16])
+    assert F.cosine_similarity(flat32, flat16, dim=0) > 0.99
