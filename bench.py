@@ -5,7 +5,8 @@
     python bench.py --batch_size 8 --sample_chars 2000 --device cpu
 
 Training: tokens/s, ms per optimizer step, the achieved FLOP/s, and that figure as a fraction
-of this device's matmul peak, measured in the same run. Sampling: characters/s with the KV
+of this device's matmul peak, measured in the same run; then the same model size built and
+trained the way nanoGPT does it on a CPU (float32), side by side. Sampling: characters/s with the KV
 cache and with the plain decoder (the whole window rerun for every character), both in steady
 state past the end of the context window. The weights are random: speed does not depend on them.
 """
@@ -14,6 +15,8 @@ import argparse
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
@@ -53,10 +56,45 @@ def flops_per_token(model, config):
     return 6 * n_params + 12 * config.n_layer * config.n_embd * config.block_size
 
 
-def bench_training(config, device, dtype, steps):
-    torch.manual_seed(0)
-    model = build_model(config, VOCAB).to(device)
-    optimizer = make_optimizer(model, config, device)
+class NanoGPTStyleBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        C, self.n_head, self.dropout = config.n_embd, config.n_head, config.dropout
+        self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+        self.c_attn, self.c_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C),
+                                 nn.Dropout(config.dropout))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPTStyle(nn.Module):
+    """The reference for bench.py: a GPT built the way nanoGPT's model.py builds it (learned
+    position embeddings, biases, a head tied to the token embedding, one qkv matmul, SDPA), and
+    trained the way nanoGPT trains on a CPU: float32, plain AdamW."""
+
+    def __init__(self, config, vocab_size):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.Sequential(*[NanoGPTStyleBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        logits = self.lm_head(self.ln_f(self.blocks(x)))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def bench_training(model, optimizer, config, device, dtype, steps):
     x = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
     y = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
 
@@ -69,8 +107,7 @@ def bench_training(config, device, dtype, steps):
 
     seconds = timed(step, device, steps)
     tokens = config.batch_size * config.block_size
-    achieved = flops_per_token(model, config) * tokens / seconds
-    return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds, "flops": achieved}
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
 def bench_sampling(config, device, dtype, chars, use_cache):
@@ -97,6 +134,8 @@ def main(argv=None):
                         help="characters timed with the KV cache (default: 1000)")
     parser.add_argument("--reference_chars", type=int, default=50,
                         help="characters timed with the plain decoder (default: 50)")
+    parser.add_argument("--no_reference", action="store_true",
+                        help="skip the nanoGPT-style training reference")
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -114,9 +153,20 @@ def main(argv=None):
           f"{config.block_size}, batch {config.batch_size}")
     peak = matmul_peak(device, dtype)
     print(f"matmul peak ({str(dtype)[6:]}, 2048 x 2048): {peak / 1e9:,.0f} GFLOP/s")
-    t = bench_training(config, device, dtype, args.train_steps)
+    torch.manual_seed(0)
+    model = build_model(config, VOCAB).to(device)
+    t = bench_training(model, make_optimizer(model, config, device), config, device, dtype,
+                       args.train_steps)
+    flops = flops_per_token(model, config) * t["tokens_per_s"]
     print(f"training: {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
-          f"{t['flops'] / 1e9:,.1f} GFLOP/s achieved = {100 * t['flops'] / peak:.0f}% of the matmul peak")
+          f"{flops / 1e9:,.1f} GFLOP/s achieved = {100 * flops / peak:.0f}% of the matmul peak")
+    if not args.no_reference:
+        reference = NanoGPTStyle(config, VOCAB).to(device)
+        r = bench_training(reference, torch.optim.AdamW(reference.parameters(), lr=config.learning_rate),
+                           config, device, torch.float32, args.train_steps)
+        print(f"nanoGPT-style reference (float32, same size): {r['tokens_per_s']:,.0f} tokens/s | "
+              f"{r['ms_per_step']:,.1f} ms/step | smoll trains {t['tokens_per_s'] / r['tokens_per_s']:.2f}x "
+              f"as fast")
     cached = bench_sampling(config, device, dtype, args.sample_chars, use_cache=True)
     plain = bench_sampling(config, device, dtype, args.reference_chars, use_cache=False)
     print(f"sampling past the window ({str(dtype)[6:]} weights): {cached:,.0f} chars/s with the KV "

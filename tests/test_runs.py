@@ -118,7 +118,7 @@ def test_torchrun_with_two_gloo_processes_trains_and_saves_one_checkpoint(tmp_pa
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(ROOT, "train.py"), "--data", tiny_text, "--out", str(out), *TINY_FLAGS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-12000:]
     assert result.stdout.count("full validation loss") == 1  # only rank 0 reports
     assert sorted(os.listdir(tmp_path)) == ["ddp.csv", "ddp.last.pth", "ddp.png", "ddp.pth", "tiny.txt"]
     state = torch.load(last_path(str(out)), weights_only=True)
