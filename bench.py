@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
 from train import make_optimizer
-from utils import SmollError, autocast, describe_device, get_device, resolve_dtype
+from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
+                   read_text, resolve_dtype, split_data)
 
 VOCAB = 65  # Tiny Shakespeare's
 
@@ -125,6 +126,27 @@ def bench_sampling(config, device, dtype, chars, use_cache):
     return chars / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def window_quality(weights, data_path, n_texts=16, device="cpu"):
+    """Past the window, compare the loss of what the KV cache computes (sliding-window attention,
+    the model's forward pass over a long text) with rerunning the model on the last block_size
+    characters for every position. Scored on n_texts random 4-window texts from the val split."""
+    model, tokenizer, config = load_model(weights, device)
+    W = config.block_size
+    data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
+    _, val = split_data(data, W)
+    starts = torch.randint(len(val) - 4 * W - 1, (n_texts,), generator=torch.Generator().manual_seed(0))
+    sliding, rerun = [], []
+    for s in starts.tolist():
+        x, y = val[s:s + 4 * W].to(device), val[s + 1:s + 4 * W + 1].to(device)
+        logits, _ = model(x[None])  # (1, 4W, V): every position sees the W ending at itself
+        sliding.append(F.cross_entropy(logits[0, W:], y[W:], reduction="none"))
+        windows = torch.stack([x[t - W + 1:t + 1] for t in range(W, 4 * W)])  # (3W, W)
+        logits, _ = model(windows)  # each position rerun on its own last W characters
+        rerun.append(F.cross_entropy(logits[:, -1], y[W:], reduction="none"))
+    return torch.cat(sliding).mean().item(), torch.cat(rerun).mean().item(), 3 * W * n_texts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Measure smoll's training and sampling speed.")
     parser.add_argument("--model", choices=MODELS, default="tinygpt", help=argparse.SUPPRESS)
@@ -136,6 +158,9 @@ def main(argv=None):
                         help="characters timed with the plain decoder (default: 50)")
     parser.add_argument("--no_reference", action="store_true",
                         help="skip the nanoGPT-style training reference")
+    parser.add_argument("--window_quality", metavar="WEIGHTS",
+                        help="instead of timing, score a checkpoint past its context window: "
+                             "the KV cache's sliding window against rerunning the window")
     add_config_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -147,6 +172,14 @@ def main(argv=None):
     except SmollError as e:
         parser.exit(1, f"error: {e}\n")
     dtype = resolve_dtype(config.dtype, device)
+    if args.window_quality:
+        try:
+            sliding, rerun, n = window_quality(args.window_quality, DEFAULT_DATA, device=device)
+        except SmollError as e:
+            parser.exit(1, f"error: {e}\n")
+        print(f"validation loss past the window, {n:,} positions: {sliding:.4f} nats/char with the KV "
+              f"cache (sliding window) | {rerun:.4f} rerunning the last block_size characters")
+        return
 
     print(f"device: {describe_device(device)} | torch {torch.__version__} | training in {str(dtype)[6:]}")
     print(f"model: {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, context "

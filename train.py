@@ -421,7 +421,7 @@ def eval_only(weights, data_path, device_name):
     width = max(len(k) for k in rows[0])
     columns = [max(len(r[k]) for k in r) for r in rows]
     for key in rows[0]:
-        print(f"  {key:<{width}}  " + "  ".join(f"{r[key]:<{w}}" for r, w in zip(rows, columns)))
+        print((f"  {key:<{width}}  " + "  ".join(f"{r[key]:<{w}}" for r, w in zip(rows, columns))).rstrip())
     return rows
 
 

@@ -1,0 +1,35 @@
+"""bench.py: run with `python -m pytest tests/test_bench.py`. It checks what bench.py reports,
+not how fast anything is: speed is measured by running bench.py itself."""
+
+import math
+
+import pytest
+
+import bench
+from config import make_config
+from train import train
+
+
+def test_bench_reports_training_and_sampling_with_the_reference(capsys):
+    bench.main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
+                "--batch_size", "4", "--train_steps", "2", "--sample_chars", "20",
+                "--reference_chars", "5", "--device", "cpu", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    for expected in ("matmul peak (float32", "training:", "% of the matmul peak",
+                     "nanoGPT-style reference (float32, same size):", "smoll trains",
+                     "chars/s with the KV cache", "rerunning the window"):
+        assert expected in out
+
+
+@pytest.mark.parametrize("n_layer", [1, 2])
+def test_window_quality_compares_the_cache_with_rerunning_the_window(n_layer, tmp_path, tiny_text):
+    out = tmp_path / "m.pth"
+    train(make_config(n_layer=n_layer, n_embd=32, n_head=4, block_size=16, batch_size=8, max_iters=30,
+                      eval_interval=30, eval_iters=2, device="cpu", dtype="float32"),
+          tiny_text, str(out), sample_chars=0)
+    sliding, rerun, n = bench.window_quality(str(out), tiny_text, n_texts=3)
+    assert n == 3 * 3 * 16 and math.isfinite(sliding) and math.isfinite(rerun)
+    if n_layer == 1:  # one layer: relative positions make the two exactly the same computation
+        assert sliding == pytest.approx(rerun, abs=1e-5)
+    else:  # deeper layers differ slightly past the window
+        assert sliding != pytest.approx(rerun, abs=1e-6)
