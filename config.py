@@ -7,7 +7,6 @@ The value a run uses is settled in this order, later winning:
     4. `--<field> VALUE` flags on the command line.
 """
 
-import argparse
 from dataclasses import dataclass, fields
 
 MODELS = ("tinygpt", "bigram")

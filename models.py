@@ -325,7 +325,7 @@ class TinyGPT(LanguageModel):
         else:
             cos, sin = self.far_rotary_tables(start, T, idx.device)  # (T, hs/2)
         x = self.drop(self.token_embedding(idx))  # (B, T, C)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not in every layer
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # for a bfloat16 model, once rather than per layer
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer)  # (B, T, C)
         if cache is not None:
