@@ -37,6 +37,7 @@ class Config:
     seed: int = 1337  # seeds the weights, the batches and dropout: same seed, same run
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one of them
     dtype: str = "auto"  # "float32" or "bfloat16" autocast; "auto" = bfloat16 where it is fast
+    compile: str = "auto"  # torch.compile the training step: "on", "off"; "auto" = on CUDA only
 
     def validate(self):
         """Raise ValueError with a sentence that names the fix for the first bad value."""
@@ -66,6 +67,8 @@ class Config:
             raise ValueError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps.")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"unknown dtype '{self.dtype}': use auto, float32 or bfloat16.")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"unknown --compile '{self.compile}': use auto, on or off.")
 
 
 # The Bigram is one vocab x vocab table: it needs neither long contexts nor dropout, and with a

@@ -236,6 +236,12 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     # Under torchrun, DDP averages the gradients of all ranks during backward().
     # Its buffers are the constant rotary tables, so they need no broadcasting.
     train_model = DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+    if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
+        # Fuses the step's small kernels. Checkpoints save `model`, the uncompiled module, so their
+        # keys never get the "_orig_mod." prefix. Where compiling fails (no compiler, an old GPU),
+        # the step runs uncompiled instead of stopping the run.
+        torch._dynamo.config.suppress_errors = True
+        train_model = torch.compile(train_model)
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "

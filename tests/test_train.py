@@ -240,3 +240,19 @@ def test_bfloat16_autocast_matches_float32():
     flat32 = torch.cat([g.flatten() for g in grads32])
     flat16 = torch.cat([g.flatten().float() for g in grads16])
     assert F.cosine_similarity(flat32, flat16, dim=0) > 0.99
+
+
+def test_a_compiled_run_saves_plain_keys_and_matches_an_uncompiled_run(tmp_path, tiny_config, tiny_text):
+    from torch._dynamo.utils import counters
+
+    eager = train(tiny_config, tiny_text, str(tmp_path / "eager.pth"), sample_chars=0)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = train(make_config(**{**tiny_config.__dict__, "compile": "on"}), tiny_text,
+                     str(tmp_path / "compiled.pth"), sample_chars=0)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the step really was compiled
+    for name in ("compiled.pth", "compiled.last.pth"):
+        keys = torch.load(tmp_path / name, weights_only=True)["model_state"]
+        assert not any(k.startswith("_orig_mod.") for k in keys)
+    load_model(str(tmp_path / "compiled.pth"))
+    for a, b in zip(eager["history"], compiled["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
