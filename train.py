@@ -40,8 +40,9 @@ from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, CharTokenizer, SmollError, ato
                    load_checkpoint, load_model, plot_history, read_text, resolve_dtype,
                    save_checkpoint, split_data)
 
-# The fields a resumed run takes from its checkpoint; device and dtype may change between machines.
-HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype"}
+# The fields a resumed run takes from its checkpoint; device, dtype and compile may change
+# between machines.
+HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype", "compile"}
 
 
 def get_lr(step, config, elapsed=0.0):
@@ -176,7 +177,8 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
             raise SmollError(f"the run saved at '{last_path(out_path)}' already finished all its "
                              f"{state['step']} steps: there is nothing to resume. Start a new run "
                              f"(with a larger --max_iters to train longer).")
-        config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype)
+        config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype,
+                         compile=config.compile)
     if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
     rank, world_size, device = setup_distributed(config)
