@@ -236,8 +236,8 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
         if "cuda" in rng and device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], device)
     # Under torchrun, DDP averages the gradients of all ranks during backward().
-    # Its buffers are the constant rotary tables, so they need no broadcasting.
-    train_model = DistributedDataParallel(model, broadcast_buffers=False) if world_size > 1 else model
+    # Its buffers are the constant rotary tables: equal on every rank, so no syncing at each step.
+    train_model = DistributedDataParallel(model, forward_sync_buffers=False) if world_size > 1 else model
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
         # Fuses the step's small kernels. Checkpoints save `model`, the uncompiled module, so their
         # keys never get the "_orig_mod." prefix. Where compiling fails (no compiler, an old GPU),
