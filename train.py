@@ -173,10 +173,10 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
         if "optimizer" not in state:
             raise SmollError(f"'{last_path(out_path)}' holds weights but no training state to "
                              f"resume from: start a new run without --resume.")
-        if state["step"] >= state["config"]["max_iters"]:
-            raise SmollError(f"the run saved at '{last_path(out_path)}' already finished all its "
-                             f"{state['step']} steps: there is nothing to resume. Start a new run "
-                             f"(with a larger --max_iters to train longer).")
+        if state["finished"]:
+            raise SmollError(f"the run saved at '{last_path(out_path)}' already finished, at step "
+                             f"{state['step']}: there is nothing to resume. Start a new run (with a "
+                             f"larger --max_iters or --time_budget to train longer).")
         config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype,
                          compile=config.compile)
     if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -256,8 +256,9 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     backup = None
     t_start, time_before, step_start = time.perf_counter(), run["train_time_s"], step
 
-    def save_state():
-        """The full state, for --resume: every rank's RNG states are gathered into rank 0's file."""
+    def save_state(finished):
+        """The full state, for --resume: every rank's RNG states are gathered into rank 0's file.
+        A finished run is marked, so that --resume leaves it alone."""
         rng = {"torch": torch.get_rng_state(), "batch": batch_rng.get_state()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -268,7 +269,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
         if rank == 0:
             save_checkpoint(last_path(out_path), model, config, tokenizer, step, best["val"], half=False,
                             optimizer=optimizer.state_dict(), rng=rngs, best_step=best["step"],
-                            history=history, run=run)
+                            history=history, run=run, finished=finished)
 
     # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws often;
     # into a log file, every few seconds is plenty.
@@ -312,11 +313,11 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
                     write_history_csv(history, os.path.splitext(out_path)[0] + ".csv")
                     bar.write(f"step {step:5d} | train {losses['train']:.4f} | "
                               f"val {losses['val']:.4f}{mark}")
-                save_state()
+                save_state(finished=last_step)
             if last_step:
                 break
             if stop_requested(stop, step, world_size, device):
-                save_state()
+                save_state(finished=False)
                 interrupted = True
                 break
 
@@ -414,7 +415,8 @@ def eval_only(weights, data_path, device_name):
             "checkpoint": os.path.relpath(path),
             "model": describe_config(config),
             "parameters": format_count(sum(p.numel() for p in model.parameters())),
-            "step": f"{checkpoint['step']} of {config.max_iters}",
+            "step": f"{checkpoint['step']} of "
+                    + (f"a {config.time_budget:g} s budget" if config.time_budget else str(config.max_iters)),
             "trained on": f"{run.get('device', '?')} ({run.get('dtype', '?')}"
                           + (f", {run['world_size']} processes" if run.get("world_size", 1) > 1 else "")
                           + ")",

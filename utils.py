@@ -205,7 +205,7 @@ def full_eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=t
 #   val_loss     the validation loss estimate of the best step so far
 #   history      one dict per evaluation: step, train_loss, val_loss, lr, tokens_per_s, time_s
 #   run          where and how it was trained: git commit, device, dtype, torch, time, figures
-# The NAME.last.pth training state adds optimizer, rng and best_step, for --resume.
+# The NAME.last.pth training state adds optimizer, rng, best_step and finished, for --resume.
 
 
 def atomic_save(obj, path):

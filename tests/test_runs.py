@@ -61,9 +61,15 @@ def test_resume_needs_a_saved_run_and_keeps_its_hyperparameters(tmp_path, tiny_t
     done = tmp_path / "done.pth"
     train(make_config(**TINY), tiny_text, str(done), sample_chars=0)
     before = done.read_bytes()
-    with pytest.raises(SmollError, match="already finished all its 30 steps"):
+    with pytest.raises(SmollError, match="already finished, at step 30"):
         train(make_config(**TINY), tiny_text, str(done), resume=True)
     assert done.read_bytes() == before  # a finished run is left as it is
+    timed = tmp_path / "timed.pth"  # a timed run finishes long before max_iters
+    train(make_config(**{**TINY, "time_budget": 2.0}), tiny_text, str(timed), sample_chars=0)
+    before = timed.read_bytes()
+    with pytest.raises(SmollError, match="already finished"):
+        train(make_config(**TINY), tiny_text, str(timed), resume=True)
+    assert timed.read_bytes() == before
 
 
 def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tiny_text):
