@@ -58,6 +58,8 @@ class KVCache:
     Past the window this is sliding-window attention: at every layer, each position attends to the
     `window` positions ending at itself. TinyGPT's forward pass over a longer sequence computes
     exactly that, and the tests check that the cache matches it.
+    Keys and values are kept in float32 whatever the model's dtype: on a CPU, one query's attention
+    runs several times faster in float32 than in bfloat16, and the cache is small.
     """
 
     def __init__(self, window):
@@ -73,7 +75,8 @@ class KVCache:
         T = k.size(2)
         if layer not in self.k:  # room for a window of past and a window of new entries
             shape = (k.size(0), k.size(1), 2 * self.window, k.size(3))
-            self.k[layer], self.v[layer], self.n[layer] = k.new_empty(shape), v.new_empty(shape), 0
+            self.k[layer] = k.new_empty(shape, dtype=torch.float32)
+            self.v[layer], self.n[layer] = torch.empty_like(self.k[layer]), 0
         k_buf, v_buf, n = self.k[layer], self.v[layer], self.n[layer]
         if n + T > k_buf.size(2):  # full: move the part still needed to the front, once a window
             k_buf[:, :, :self.keep] = k_buf[:, :, n - self.keep:n].clone()
@@ -86,18 +89,27 @@ class KVCache:
 
 
 class LanguageModel(nn.Module):
-    """Base class: subclasses set self.block_size and define forward(idx, targets=None, cache=None)."""
+    """Base class: subclasses set self.block_size and self.receptive_field (how many of the last
+    characters the next prediction can depend on) and define forward(idx, targets=None, cache=None)."""
 
     block_size: int
+    receptive_field: int
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
         use_cache=True runs only the new character through the model at each step (see KVCache).
-        use_cache=False is the plain reference decoder: for every new character it runs the full
-        forward pass over the last block_size characters. The two agree exactly while the text
-        fits in the window. Dropout is off while sampling.
+        use_cache=False is the plain reference decoder: for every new character it reruns the full
+        forward pass over all of the text that can still reach the prediction. The tests check
+        that the two give the same text, within the window and past it. Dropout is off while sampling.
+
+        The lecture code's decoder reruns only the last block_size characters. That is the same
+        thing while the text fits in the window. Past it, cropping is not a cache-free version of
+        the model any more: with more than one layer, the cropped window's first characters lose
+        the context that their deeper-layer states were computed from, at every step. No cache can
+        reproduce that without rerunning the window, so smoll's model defines what happens past
+        the window instead: sliding-window attention (see TinyGPT.forward).
         """
         was_training = self.training
         self.eval()
@@ -106,7 +118,7 @@ class LanguageModel(nn.Module):
             unseen = idx  # (B, T): what the cache has not processed yet
             for _ in range(max_new_tokens):
                 if cache is None:
-                    logits, _ = self(idx[:, -self.block_size:])  # (B, <=block_size, V)
+                    logits, _ = self(idx[:, -self.receptive_field:])  # (B, <=receptive_field, V)
                 else:  # a long prompt goes in window-sized pieces; after it, one id at a time
                     for piece in unseen.split(self.block_size, dim=1):
                         logits, _ = self(piece, cache=cache)  # (B, <=block_size, V)
@@ -139,6 +151,7 @@ class Bigram(LanguageModel):
     def __init__(self, config, vocab_size):
         super().__init__()
         self.block_size = config.block_size
+        self.receptive_field = 1  # the current character alone
         self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
         # Small weights give near-uniform predictions, so the loss starts at about ln(vocab).
         nn.init.normal_(self.token_embedding_table.weight, std=0.02)
@@ -229,8 +242,10 @@ class CausalSelfAttention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
         q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
+        dtype = q.dtype
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
+            q = q.to(k.dtype)  # attention over the cache runs in its dtype, float32
         S = k.size(2)
         dropout_p = self.dropout if self.training else 0.0
         if self.keep_weights:  # someone wants to look at the attention: take the written-out path
@@ -240,13 +255,11 @@ class CausalSelfAttention(nn.Module):
         elif T == S <= self.window:  # training, or a prompt that fits: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         elif T == 1 and S <= self.window:  # one new character: it may see everything in the cache
-            # For a single query, the three plain steps are faster than the fused kernel on a CPU.
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, nh, 1, S)
-            y = F.softmax(att, dim=-1) @ v  # (B, nh, 1, hs)
+            y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
         else:  # past the window: a sliding causal mask
             mask = causal_mask(T, S, self.window, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
 
@@ -287,6 +300,9 @@ class TinyGPT(LanguageModel):
     def __init__(self, config, vocab_size):
         super().__init__()
         self.block_size = config.block_size
+        # Each layer looks back at most block_size - 1 positions (sliding-window attention past the
+        # window), so through n_layer layers the next prediction depends on this many characters.
+        self.receptive_field = config.n_layer * (config.block_size - 1) + 1
         self.token_embedding = nn.Embedding(vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
@@ -362,3 +378,43 @@ class TinyGPT(LanguageModel):
 def build_model(config, vocab_size):
     """The model named by config.model, freshly initialised."""
     return {"tinygpt": TinyGPT, "bigram": Bigram}[config.model](config, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling speed on a CPU
+
+
+class PackedLinear(nn.Module):
+    """A bias-free nn.Linear for sampling in bfloat16 on a CPU: the same numbers, sooner.
+
+    Sampling one character at a time multiplies every weight matrix by a single vector, so its
+    speed is set by how fast the weights can be read. oneDNN, the CPU library under PyTorch's
+    bfloat16 matmuls, reads them fastest in its own blocked layout. nn.Linear hands it the plain
+    layout at every call; here the weight is reordered once. For inference only: no gradients.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        self.weight = linear.weight  # kept as it is, so that state_dict() does not change
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")  # x @ W^T
+
+
+def pack_for_cpu_sampling(model):
+    """Swap every bfloat16 nn.Linear of a model on the CPU for a PackedLinear, in place. Call it
+    after moving the model to its device and dtype. Returns how many layers were swapped: 0 where
+    it does not apply (float32 weights, a GPU, or a PyTorch built without oneDNN)."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and child.bias is None
+               and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
+    try:
+        packed = [PackedLinear(child) for _, _, child in linears]
+    except RuntimeError:  # a oneDNN that cannot pack bfloat16 on this CPU: keep nn.Linear
+        return 0
+    for (parent, name, _), new in zip(linears, packed):
+        setattr(parent, name, new)
+    return len(packed)

@@ -10,7 +10,7 @@ import torch
 import play
 from conftest import ROOT
 from config import make_config
-from models import KVCache, TinyGPT
+from models import KVCache, PackedLinear, TinyGPT, pack_for_cpu_sampling
 from train import train
 
 VOCAB = 20
@@ -63,12 +63,42 @@ def test_one_layer_sliding_cache_equals_recomputing_the_window_at_every_step():
     torch.testing.assert_close(cached_logits(model, x), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_greedy_text_with_the_cache_equals_the_reference_decoder_within_the_window():
-    model = random_model(3, block_size=32)
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_greedy_text_with_the_cache_equals_the_reference_decoder_within_and_past_the_window(n_layer):
+    model = random_model(n_layer)
     prompt = torch.randint(VOCAB, (1, 5))
-    cached = model.generate(prompt, 27, temperature=0)  # 32 characters in all: one full window
-    plain = model.generate(prompt, 27, temperature=0, use_cache=False)
+    cached = model.generate(prompt, 45, temperature=0)  # 50 characters: past 6 windows of 8
+    plain = model.generate(prompt, 45, temperature=0, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+def test_the_reference_decoder_reads_every_character_that_can_reach_the_prediction():
+    """Past the window each layer looks back block_size - 1 positions, so the last prediction of a
+    3-layer model with block_size 8 depends on exactly its last 3 * 7 + 1 = 22 characters."""
+    model = random_model(3)
+    assert model.receptive_field == 22
+    x = torch.randint(VOCAB, (2, 40))
+    with torch.no_grad():
+        whole = model(x)[0][:, -1]
+        torch.testing.assert_close(model(x[:, -22:])[0][:, -1], whole, rtol=1e-5, atol=1e-5)
+        y = x.clone()
+        y[:, -23] = (y[:, -23] + 1) % VOCAB  # one character further back changes nothing
+        torch.testing.assert_close(model(y)[0][:, -1], whole, rtol=1e-5, atol=1e-5)
+        y[:, -22] = (y[:, -22] + 1) % VOCAB  # but the 22nd from the end does
+        assert (model(y)[0][:, -1] - whole).abs().max() > 1e-4  # far above rounding (~1e-6)
+
+
+def test_a_bfloat16_model_keeps_its_cache_in_float32_and_matches_its_full_forward():
+    model = random_model(3).to(torch.bfloat16)
+    x = torch.randint(VOCAB, (2, 30))
+    cache = KVCache(model.block_size)
+    with torch.no_grad():
+        full, _ = model(x)
+        cached = torch.cat([model(x[:, t:t + 1], cache=cache)[0] for t in range(30)], dim=1)
+    assert cache.k[0].dtype == cache.v[0].dtype == torch.float32
+    assert cached.dtype == torch.bfloat16
+    # bfloat16 keeps about 3 significant digits; the logits here reach about 2.5
+    torch.testing.assert_close(cached.float(), full.float(), rtol=0, atol=0.1)
 
 
 def test_greedy_text_with_the_cache_equals_greedy_full_forward_past_the_window():
@@ -82,7 +112,7 @@ def test_greedy_text_with_the_cache_equals_greedy_full_forward_past_the_window()
 
 
 def test_sampling_with_and_without_the_cache_gives_the_same_text_for_a_seed():
-    model = random_model(2, block_size=64)
+    model = random_model(2)
     prompt = torch.randint(VOCAB, (1, 4))
     torch.manual_seed(7)
     cached = model.generate(prompt, 50, temperature=1.0, top_k=10, top_p=0.9)
@@ -91,6 +121,21 @@ def test_sampling_with_and_without_the_cache_gives_the_same_text_for_a_seed():
     torch.manual_seed(7)
     again = model.generate(prompt, 50, temperature=1.0, top_k=10, top_p=0.9)
     assert torch.equal(cached, plain) and torch.equal(cached, again)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_packed_bfloat16_linears_give_the_same_text_and_logits():
+    model = random_model(2).to(torch.bfloat16)
+    packed = random_model(2).to(torch.bfloat16)
+    assert pack_for_cpu_sampling(random_model(2)) == 0  # float32 weights stay as they are
+    assert pack_for_cpu_sampling(packed) == 2 * 4 + 1  # qkv, proj, fc, proj per block, and the head
+    assert isinstance(packed.lm_head, PackedLinear)
+    assert packed.state_dict().keys() == model.state_dict().keys()
+    x = torch.randint(VOCAB, (3, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x)[0], model(x)[0], rtol=0, atol=1e-2)
+    prompt = torch.randint(VOCAB, (1, 4))
+    assert torch.equal(packed.generate(prompt, 30, temperature=0), model.generate(prompt, 30, temperature=0))
 
 
 def test_a_batch_decodes_each_row_as_if_it_were_alone():
