@@ -7,8 +7,8 @@
 Training: tokens/s, ms per optimizer step, the achieved FLOP/s, and that figure as a fraction
 of this device's matmul peak, measured in the same run; then the same model size built and
 trained the way nanoGPT does it on a CPU (float32), side by side. Sampling: characters/s with the KV
-cache and with the plain decoder (the whole window rerun for every character), both in steady
-state past the end of the context window. The weights are random: speed does not depend on them.
+cache, and with nanoGPT's generate (no cache: the whole window rerun for every character), both in
+steady state past the end of the context window. The weights are random: speed does not depend on them.
 """
 
 import argparse
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
-from models import build_model
+from models import build_model, pack_for_cpu_sampling
 from train import make_optimizer
 from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
                    read_text, resolve_dtype, split_data)
@@ -70,7 +70,8 @@ class NanoGPTStyleBlock(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         x = x + self.c_proj(y.transpose(1, 2).reshape(B, T, C))
         return x + self.mlp(self.ln_2(x))
 
@@ -78,10 +79,11 @@ class NanoGPTStyleBlock(nn.Module):
 class NanoGPTStyle(nn.Module):
     """The reference for bench.py: a GPT built the way nanoGPT's model.py builds it (learned
     position embeddings, biases, a head tied to the token embedding, one qkv matmul, SDPA), and
-    trained the way nanoGPT trains on a CPU: float32, plain AdamW."""
+    trained the way nanoGPT trains on a CPU: float32, plain AdamW. generate() is nanoGPT's."""
 
     def __init__(self, config, vocab_size):
         super().__init__()
+        self.block_size = config.block_size
         self.wte = nn.Embedding(vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.Sequential(*[NanoGPTStyleBlock(config) for _ in range(config.n_layer)])
@@ -89,10 +91,20 @@ class NanoGPTStyle(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
 
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        logits = self.lm_head(self.ln_f(self.blocks(x)))
+    def forward(self, idx, targets=None):
+        x = self.ln_f(self.blocks(self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))))
+        if targets is None:  # sampling: only the last position's logits are needed
+            return self.lm_head(x[:, [-1], :]), None
+        logits = self.lm_head(x)
         return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0):
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.block_size:])  # the whole window, for every character
+            probs = F.softmax(logits[:, -1, :] / temperature, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx
 
 
 def bench_training(model, optimizer, config, device, dtype, steps):
@@ -111,17 +123,32 @@ def bench_training(model, optimizer, config, device, dtype, steps):
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
-def bench_sampling(config, device, dtype, chars, use_cache):
-    """Characters/s generating `chars` characters after a prompt that fills the whole window."""
+def bench_sampling(config, device, dtype, chars):
+    """Characters/s of smoll's KV cache, generating `chars` characters after a prompt that fills
+    the whole window, with the model prepared as play.py prepares it."""
     torch.manual_seed(0)
     model = build_model(config, VOCAB).to(device, dtype).eval()
+    pack_for_cpu_sampling(model)
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
-    steps = model.stream(prompt, chars + 1, use_cache=use_cache)
+    steps = model.stream(prompt, chars + 1)
     next(steps)  # the prompt itself is not timed: from here on, every step is past the window
     sync(device)
     t0 = time.perf_counter()
     for _ in steps:
         pass
+    sync(device)
+    return chars / (time.perf_counter() - t0)
+
+
+def bench_reference_sampling(config, device, chars):
+    """Characters/s of nanoGPT's generate (float32, no cache) after a prompt that fills the window."""
+    torch.manual_seed(0)
+    model = NanoGPTStyle(config, VOCAB).to(device).eval()
+    prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
+    model.generate(prompt, 1)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, chars)
     sync(device)
     return chars / (time.perf_counter() - t0)
 
@@ -155,7 +182,7 @@ def main(argv=None):
     parser.add_argument("--sample_chars", type=int, default=1000,
                         help="characters timed with the KV cache (default: 1000)")
     parser.add_argument("--reference_chars", type=int, default=50,
-                        help="characters timed with the plain decoder (default: 50)")
+                        help="characters timed with nanoGPT's generate, without a cache (default: 50)")
     parser.add_argument("--no_reference", action="store_true",
                         help="skip the nanoGPT-style training reference")
     parser.add_argument("--window_quality", metavar="WEIGHTS",
@@ -200,14 +227,12 @@ def main(argv=None):
         print(f"nanoGPT-style reference (float32, same size): {r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['ms_per_step']:,.1f} ms/step | smoll trains {t['tokens_per_s'] / r['tokens_per_s']:.2f}x "
               f"as fast")
-    cached = bench_sampling(config, device, dtype, args.sample_chars, use_cache=True)
-    plain = bench_sampling(config, device, dtype, args.reference_chars, use_cache=False)
-    print(f"sampling past the window ({str(dtype)[6:]} weights): {cached:,.0f} chars/s with the KV "
-          f"cache | {plain:,.1f} chars/s rerunning the window (plain decoder) | {cached / plain:.1f}x")
-    if dtype != torch.float32:  # the plain decoder as tutorials run it on a CPU: float32
-        plain32 = bench_sampling(config, device, torch.float32, args.reference_chars, use_cache=False)
-        print(f"plain decoder in float32: {plain32:,.1f} chars/s | the KV cache in "
-              f"{str(dtype)[6:]} is {cached / plain32:.1f}x faster")
+    reference = bench_reference_sampling(config, device, args.reference_chars)
+    print(f"sampling past the window: nanoGPT-style generate (float32, no cache): {reference:,.1f} chars/s")
+    for sample_dtype in dict.fromkeys([dtype, torch.float32]):  # the training dtype, then float32
+        cached = bench_sampling(config, device, sample_dtype, args.sample_chars)
+        print(f"sampling past the window: smoll with the KV cache ({str(sample_dtype)[6:]}): "
+              f"{cached:,.0f} chars/s | {cached / reference:.1f}x the nanoGPT-style generate")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ def test_bench_reports_training_and_sampling_with_the_reference(capsys):
     out = capsys.readouterr().out
     for expected in ("matmul peak (float32", "training:", "% of the matmul peak",
                      "nanoGPT-style reference (float32, same size):", "smoll trains",
-                     "chars/s with the KV cache", "rerunning the window"):
+                     "nanoGPT-style generate (float32, no cache):",
+                     "smoll with the KV cache (float32):", "x the nanoGPT-style generate"):
         assert expected in out
 
 
