@@ -50,14 +50,15 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights' precision while sampling (default: float32, where the cache "
-                             "gives exactly the text of --no_cache). bfloat16 is faster for "
-                             "large models on CPUs with bf16 instructions")
+                             "gives exactly the text of --no_cache). bfloat16 is faster on CPUs "
+                             "with bf16 instructions; rounding can make its text differ")
     parser.add_argument("--interactive", action="store_true",
                         help="a prompt loop in the terminal; /help lists its commands")
     parser.add_argument("--verbose", action="store_true", help="print the speed in characters/s at the end")
     parser.add_argument("--no_cache", action="store_true",
-                        help="decode without the KV cache: rerun the whole window for every "
-                             "character (slow; the reference the cache is tested against)")
+                        help="decode without the KV cache: for every character, rerun the model "
+                             "over all the text that can still reach it (slow; the reference the "
+                             "cache is tested against)")
     parser.add_argument("--attention", metavar="PNG",
                         help="instead of generating, draw TinyGPT's attention maps for --prompt "
                              "into this PNG: one panel per layer and head (needs matplotlib)")
