@@ -158,7 +158,7 @@ def window_quality(weights, data_path, n_texts=16, device="cpu"):
     """Past the window, compare the loss of what the KV cache computes (sliding-window attention,
     the model's forward pass over a long text) with rerunning the model on the last block_size
     characters for every position. Scored on n_texts random 4-window texts from the val split."""
-    model, tokenizer, config = load_model(weights, device)
+    model, tokenizer, config = load_model(weights, device, flag="--window_quality")
     W = config.block_size
     data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
     _, val = split_data(data, W)

@@ -241,11 +241,12 @@ def save_checkpoint(path, model, config, tokenizer, step, val_loss, half=True, *
     atomic_save(checkpoint, path)
 
 
-def load_checkpoint(path):
-    """Read a checkpoint dict, turning every way a file can be wrong into one clear SmollError."""
+def load_checkpoint(path, flag="--weights"):
+    """Read a checkpoint dict, turning every way a file can be wrong into one clear SmollError.
+    flag names the command-line option that gave the path, for the message."""
     if not os.path.isfile(path):
         raise SmollError(f"weights file '{path}' does not exist: train one with `python train.py` "
-                         f"or pass an existing file with --weights.")
+                         f"or pass an existing file with {flag}.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -260,12 +261,12 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", flag="--weights"):
     """Load a checkpoint into a ready-to-sample model. Returns (model, tokenizer, config).
 
     The model is in eval mode, in float32, on device. Its type comes from the checkpoint.
     """
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, flag)
     config = config_from_dict(checkpoint["config"])
     tokenizer = CharTokenizer(checkpoint["vocab"])
     try:

@@ -34,3 +34,10 @@ def test_window_quality_compares_the_cache_with_rerunning_the_window(n_layer, tm
         assert sliding == pytest.approx(rerun, abs=1e-5)
     else:  # deeper layers differ slightly past the window
         assert sliding != pytest.approx(rerun, abs=1e-6)
+
+
+def test_window_quality_names_its_own_flag_for_a_missing_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--window_quality", str(tmp_path / "missing.pth")])
+    assert exit_info.value.code == 1
+    assert "pass an existing file with --window_quality" in capsys.readouterr().err
