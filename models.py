@@ -95,7 +95,7 @@ class LanguageModel(nn.Module):
     block_size: int
     receptive_field: int
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
@@ -390,12 +390,14 @@ class PackedLinear(nn.Module):
     Sampling one character at a time multiplies every weight matrix by a single vector, so its
     speed is set by how fast the weights can be read. oneDNN, the CPU library under PyTorch's
     bfloat16 matmuls, reads them fastest in its own blocked layout. nn.Linear hands it the plain
-    layout at every call; here the weight is reordered once. For inference only: no gradients.
+    layout at every call; here the weight is reordered once. These are the two oneDNN ops that
+    torch.compile puts in place of a frozen model's linear layers on a CPU. For inference only.
     """
 
     def __init__(self, linear):
         super().__init__()
         self.weight = linear.weight  # kept as it is, so that state_dict() does not change
+        # the 1: laid out for one row at a time, the way sampling multiplies (more rows work too)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
 
     def forward(self, x):
@@ -406,7 +408,7 @@ def pack_for_cpu_sampling(model):
     """Swap every bfloat16 nn.Linear of a model on the CPU for a PackedLinear, in place. Call it
     after moving the model to its device and dtype. Returns how many layers were swapped: 0 where
     it does not apply (float32 weights, a GPU, or a PyTorch built without oneDNN)."""
-    if not torch.backends.mkldnn.is_available():
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
         return 0
     linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear and child.bias is None
