@@ -95,7 +95,7 @@ class LanguageModel(nn.Module):
     block_size: int
     receptive_field: int
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad, and lighter still: nothing here will ever need gradients
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
@@ -356,8 +356,11 @@ class TinyGPT(LanguageModel):
         first, cos, sin = self._far_rope
         if not (first <= start and start + T <= first + len(cos)) or cos.device != device:
             first = start
-            cos, sin = rotary_tables(self.head_size, torch.arange(start, start + max(T, 4096)))
-            cos, sin = cos.to(device), sin.to(device)
+            # Kept for later calls, so made as ordinary tensors even while sampling (which runs
+            # under inference_mode): a forward pass that trains may use them next.
+            with torch.inference_mode(False):
+                cos, sin = rotary_tables(self.head_size, torch.arange(start, start + max(T, 4096)))
+                cos, sin = cos.to(device), sin.to(device)
             self._far_rope = (first, cos, sin)
         return cos[start - first:start - first + T], sin[start - first:start - first + T]
 

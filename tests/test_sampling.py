@@ -138,6 +138,17 @@ def test_packed_bfloat16_linears_give_the_same_text_and_logits():
     assert torch.equal(packed.generate(prompt, 30, temperature=0), model.generate(prompt, 30, temperature=0))
 
 
+def test_a_model_trains_on_long_sequences_after_sampling_past_the_window():
+    """Sampling runs under inference_mode; what it leaves on the model must not break training."""
+    model = random_model(2)
+    for use_cache in (False, True):
+        model.generate(torch.randint(VOCAB, (1, 4)), 30, use_cache=use_cache)
+        x = torch.randint(VOCAB, (2, 30))
+        _, loss = model(x, x)
+        loss.backward()
+        assert model.token_embedding.weight.grad is not None
+
+
 def test_a_batch_decodes_each_row_as_if_it_were_alone():
     model = random_model(2)
     prompts = torch.randint(VOCAB, (3, 5))
