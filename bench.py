@@ -190,6 +190,10 @@ def main(argv=None):
                              "the KV cache's sliding window against rerunning the window")
     add_config_args(parser)
     args = parser.parse_args(argv)
+    for flag in ("train_steps", "sample_chars", "reference_chars"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}: every speed is a "
+                         f"count divided by a time.")
     try:
         config = config_from_args(args)
     except ValueError as e:

@@ -41,3 +41,11 @@ def test_window_quality_names_its_own_flag_for_a_missing_file(tmp_path, capsys):
         bench.main(["--window_quality", str(tmp_path / "missing.pth")])
     assert exit_info.value.code == 1
     assert "pass an existing file with --window_quality" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--train_steps", "--sample_chars", "--reference_chars"])
+def test_bench_refuses_counts_below_one(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
