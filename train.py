@@ -28,6 +28,7 @@ import time
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -35,10 +36,9 @@ from tqdm import tqdm
 
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
 from models import build_model
-from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, CharTokenizer, SmollError, atomic_save, autocast,
-                   describe_device, full_eval_loss, get_batch, get_device, git_commit,
-                   load_checkpoint, load_model, plot_history, read_text, resolve_dtype,
-                   save_checkpoint, split_data)
+from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, SmollError, atomic_save, autocast,
+                   describe_device, eval_loss, get_batch, get_device, git_commit, load_checkpoint,
+                   load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint, split_data)
 
 # The fields a resumed run takes from its checkpoint; device, dtype and compile may change
 # between machines.
@@ -160,11 +160,14 @@ def setup_distributed(config):
     return dist.get_rank(), world_size, device
 
 
-def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resume=False):
+def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resume=False,
+          full_eval=False):
     """Train config.model on the text at data_path, saving as the module docstring says.
 
     With resume, continue the run whose state is in NAME.last.pth; config then only supplies the
-    device and dtype, the rest comes from the saved run. Returns a dict of the run's figures.
+    device and dtype, the rest comes from the saved run. The final score covers the whole
+    validation split up to FULL_EVAL_CHARS characters, an even sample past that, or all of it with
+    full_eval. Returns a dict of the run's figures.
     """
     out_path = out_path or DEFAULT_WEIGHTS[config.model]
     state = None
@@ -183,7 +186,8 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
         raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
     rank, world_size, device = setup_distributed(config)
     try:
-        result = _train(config, data_path, out_path, sample_chars, state, rank, world_size, device)
+        result = _train(config, data_path, out_path, sample_chars, state, rank, world_size, device,
+                        full_eval)
         if world_size > 1:
             dist.barrier()  # the ranks leave together, after rank 0 has scored and saved
         return result
@@ -192,21 +196,33 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
             dist.destroy_process_group()
 
 
-def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device):
+def load_data(data_path, rank, world_size):
+    """load_tokens for every rank: under torchrun, each machine's first process encodes the text
+    while the others wait, then they all read its token file."""
+    if world_size == 1:
+        return load_tokens(data_path)
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if not first:
+        dist.barrier()
+    try:
+        return load_tokens(data_path, progress=rank == 0)
+    finally:
+        if first:
+            dist.barrier()
+
+
+def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval):
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for anything left in fp32
         torch.backends.cudnn.allow_tf32 = True
     log = print if rank == 0 else (lambda *args, **kwargs: None)
 
-    text = read_text(data_path)
-    tokenizer = CharTokenizer.from_text(text)
+    ids, tokenizer = load_data(data_path, rank, world_size)  # memory-mapped: batches are read from disk
     if state is not None and tokenizer.chars != state["vocab"]:
         raise SmollError(f"'{data_path}' is not the text this run was trained on (its characters "
                          f"differ): resume with the same --data.")
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    train_data, val_data = split_data(data, config.block_size)
-    train_data, val_data = train_data.to(device), val_data.to(device)  # the whole text lives on device
+    train_data, val_data = split_data(ids, config.block_size)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, tokenizer.vocab_size).to(device)
@@ -214,7 +230,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     torch.manual_seed(config.seed + rank)  # dropout differs between ranks
     batch_rng = torch.Generator().manual_seed(config.seed + rank)  # so do the batches
     eval_rng = torch.Generator().manual_seed(0)  # the same eval batches in every run
-    eval_batches = {split: [get_batch(d, config.batch_size, config.block_size, eval_rng)
+    eval_batches = {split: [get_batch(d, config.batch_size, config.block_size, eval_rng, device)
                             for _ in range(config.eval_iters)]
                     for split, d in (("train", train_data), ("val", val_data))}
 
@@ -325,7 +341,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
             lr = get_lr(step, config, run["train_time_s"])
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = get_batch(train_data, config.batch_size, config.block_size, batch_rng)
+            x, y = get_batch(train_data, config.batch_size, config.block_size, batch_rng, device)
             with autocast(device, dtype):
                 _, loss = train_model(x, y)
             loss.backward()
@@ -360,14 +376,17 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
 
     # Score the best checkpoint on the whole validation split, and store the run's figures in it.
     best_model, _, _ = load_model(out_path, device)
-    full_val = full_eval_loss(best_model, val_data, config.block_size, device=device, dtype=dtype)
-    run.update(full_val_loss=round(full_val, 5), best_step=best["step"],
+    full_val, n_scored = eval_loss(best_model, val_data, config.block_size, device=device, dtype=dtype,
+                                   max_chars=None if full_eval else FULL_EVAL_CHARS)
+    run.update(full_val_loss=round(full_val, 5), val_chars_scored=n_scored, best_step=best["step"],
                tokens_per_s=round((step - step_start) * tokens_per_step / elapsed))
     checkpoint = load_checkpoint(out_path)
     checkpoint.update(history=history, run=run)
     atomic_save(checkpoint, out_path)
-    log(f"best val estimate {best['val']:.4f} at step {best['step']}; "
-        f"full validation loss {full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char)")
+    kind = scored_kind(n_scored, val_data)
+    log(f"best val estimate {best['val']:.4f} at step {best['step']}; {kind} validation loss "
+        f"{full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char) over {n_scored:,} characters"
+        + (f" (an even sample of {len(val_data) - 1:,}; --full_eval scores all)" if kind == "sampled" else ""))
     picture = os.path.splitext(out_path)[0] + ".png"
     try:
         plot_history(history, picture, title=f"{config.model}: {os.path.basename(out_path)}")
@@ -375,7 +394,7 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     except SmollError as e:
         log(f"no loss curve: {e}")
     if sample_chars:
-        prompt = torch.tensor([tokenizer.encode(text[0])], device=device)
+        prompt = torch.tensor([[int(ids[0])]], device=device)  # the text's first character
         ids = best_model.generate(prompt, sample_chars)[0].tolist()
         log("sample:\n" + tokenizer.decode(ids))
     return {**result, "full_val": full_val}
@@ -400,16 +419,18 @@ def stop_requested(stop, step, world_size, device):
     return bool(flag.item())
 
 
-def eval_only(weights, data_path, device_name):
-    """Print each checkpoint's run and its full validation loss, side by side."""
+def eval_only(weights, data_path, device_name, full_eval=False):
+    """Print each checkpoint's run and its validation loss, side by side."""
     device = get_device(device_name)
+    ids, text_tokenizer = load_tokens(data_path)
     rows = []
     for path in weights:
         model, tokenizer, config = load_model(path, device)
         checkpoint = load_checkpoint(path)
-        data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
-        _, val_data = split_data(data, config.block_size)
-        loss = full_eval_loss(model, val_data, config.block_size, device=device)
+        _, val_data = split_data(ids, config.block_size)
+        val_data = to_model_ids(val_data, text_tokenizer, tokenizer, data_path)
+        loss, n_scored = eval_loss(model, val_data, config.block_size, device=device,
+                                   max_chars=None if full_eval else FULL_EVAL_CHARS)
         run = checkpoint.get("run", {})
         rows.append({
             "checkpoint": os.path.relpath(path),
@@ -423,16 +444,36 @@ def eval_only(weights, data_path, device_name):
             "training time": f"{run['train_time_s']:.0f} s" if "train_time_s" in run else "?",
             "git commit": run.get("git_commit", "?"),
             "val loss estimate": f"{checkpoint['val_loss']:.4f}",
-            "full val loss": f"{loss:.4f} nats/char",
+            f"{scored_kind(n_scored, val_data)} val loss": f"{loss:.4f} nats/char",
             "bits/char": f"{loss / math.log(2):.4f}",
+            "characters scored": f"{n_scored:,} of {len(val_data) - 1:,}",
         })
-    print(f"full validation loss over the last 10% of {os.path.relpath(data_path)}, every "
-          f"character counted once:")
+    note = ("every character counted once" if all("full val loss" in r for r in rows) else
+            f"past {FULL_EVAL_CHARS:,} characters an even sample is scored; --full_eval scores all")
+    print(f"validation loss over the last 10% of {os.path.relpath(data_path)} ({note}):")
     width = max(len(k) for k in rows[0])
     columns = [max(len(r[k]) for k in r) for r in rows]
     for key in rows[0]:
         print((f"  {key:<{width}}  " + "  ".join(f"{r[key]:<{w}}" for r, w in zip(rows, columns))).rstrip())
     return rows
+
+
+def to_model_ids(ids, text_tokenizer, model_tokenizer, data_path):
+    """ids of a text, renumbered into a model's vocabulary (which may hold more characters)."""
+    if text_tokenizer.chars == model_tokenizer.chars:
+        return ids
+    unknown = [ch for ch in text_tokenizer.chars if ch not in model_tokenizer.stoi]
+    if unknown:
+        shown = " ".join(repr(ch) for ch in unknown[:10])
+        raise SmollError(f"'{data_path}' has {len(unknown)} character(s) this model never saw in "
+                         f"training ({shown}): score it on the text it was trained on.")
+    renumber = np.array([model_tokenizer.stoi[ch] for ch in text_tokenizer.chars], dtype=np.int64)
+    return renumber[ids]
+
+
+def scored_kind(n_scored, val_data):
+    """"full" when every validation character was scored, "sampled" for an even sample."""
+    return "full" if n_scored == len(val_data) - 1 else "sampled"
 
 
 def format_count(n):
@@ -465,6 +506,10 @@ def build_parser():
                              "own hyperparameters")
     parser.add_argument("--eval_only", action="store_true",
                         help="do not train: print the full validation loss of each --weights on --data")
+    parser.add_argument("--full_eval", action="store_true",
+                        help=f"score the whole validation split at the end, however large (default: "
+                             f"all of it up to {FULL_EVAL_CHARS:,} characters, an even sample of that "
+                             f"many past it)")
     parser.add_argument("--weights", nargs="+", help="checkpoint(s) to score with --eval_only "
                                                      "(default: the shipped weights of --model)")
     add_config_args(parser)
@@ -476,7 +521,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.eval_only:
-            eval_only(args.weights or [DEFAULT_WEIGHTS[args.model]], args.data, args.device or "auto")
+            eval_only(args.weights or [DEFAULT_WEIGHTS[args.model]], args.data, args.device or "auto",
+                      args.full_eval)
             return
         if args.resume:
             fixed = [f"--{k}" for k, v in vars(args).items() if k in HYPERPARAMETERS and v is not None]
@@ -487,7 +533,7 @@ def main(argv=None):
             config = config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
-        result = train(config, args.data, args.out, resume=args.resume)
+        result = train(config, args.data, args.out, resume=args.resume, full_eval=args.full_eval)
         if result.get("interrupted") is not None:
             sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     except SmollError as e:

@@ -4,14 +4,20 @@ Public API: load_model(path, device="cpu") -> (model, tokenizer, config).
 """
 
 import contextlib
+import errno
+import hashlib
+import json
 import math
+import mmap
 import os
 import platform
 import subprocess
 import tempfile
 from dataclasses import asdict
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from config import config_from_dict
 from models import build_model
@@ -137,7 +143,181 @@ class CharTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# Token files: a text of any size, in bounded memory
+#
+# The first run on a text encodes it once, in pieces, into a file of character ids: uint8, uint16
+# or uint32, the smallest that holds its vocabulary. Every later run, and every torchrun rank,
+# reads that file through a memory map, so memory use does not grow with the text. The file is
+# cached in .smoll_cache/ beside the text (or in ~/.cache/smoll/ when that folder is read-only;
+# the SMOLL_CACHE environment variable names another folder) under the text's SHA-256, so an
+# edited text is never trained from a stale cache. Deleting the folder is always safe.
+
+CHUNK_BYTES = 1 << 24  # how much of the text is decoded at a time while encoding
+FULL_EVAL_CHARS = 1 << 18  # a validation split up to this size is scored whole; a larger one is sampled
+
+
+def cache_dirs(text_path):
+    """The folders where the token file of text_path may be kept, most preferred first."""
+    if os.environ.get("SMOLL_CACHE"):
+        return [os.environ["SMOLL_CACHE"]]
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return [os.path.join(os.path.dirname(os.path.abspath(text_path)), ".smoll_cache"),
+            os.path.join(home, "smoll")]
+
+
+def load_tokens(path, flag="--data", progress=True):
+    """The character ids of the UTF-8 text at path, memory-mapped, and its tokenizer.
+
+    Returns (ids, tokenizer): ids is a read-only 1-D numpy array, with ids[i] the id of the i-th
+    character; the vocabulary is every character of the text, sorted. The text is encoded the
+    first time and cached (see above); later calls only hash it to find its token file.
+    """
+    if not os.path.isfile(path):
+        raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
+    if os.path.getsize(path) == 0:
+        raise SmollError(f"'{path}' is empty: give {flag} a file with some text in it.")
+    digest = file_sha256(path)
+    for folder in cache_dirs(path):
+        meta_path = os.path.join(folder, f"{os.path.basename(path)}.{digest[:16]}.json")
+        if os.path.isfile(meta_path):
+            return _open_token_file(meta_path)
+    errors = []
+    for folder in cache_dirs(path):  # the first folder that can be written to
+        try:
+            os.makedirs(folder, exist_ok=True)
+            return _open_token_file(encode_to_token_file(path, folder, digest, progress))
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            errors.append(f"{folder} ({e.strerror})")  # a read-only data folder: try the next one
+    raise SmollError(f"no folder to cache the encoded text of '{path}' in could be written: "
+                     f"{'; '.join(errors)}. Set SMOLL_CACHE to a writable folder.")
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _open_token_file(meta_path):
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    ids = np.memmap(meta_path[:-len(".json")] + ".bin", dtype=meta["dtype"], mode="r",
+                    shape=(meta["n_ids"],))
+    return ids, CharTokenizer(meta["vocab"])
+
+
+def encode_to_token_file(path, folder, digest, progress=True):
+    """Encode the text at path into folder/NAME.HASH.bin and its description NAME.HASH.json.
+
+    Two passes over the text, CHUNK_BYTES at a time: the first counts the characters (the
+    vocabulary), the second maps them to ids and writes them. Both go through temp files that are
+    renamed into place at the end, so a failure never leaves a half-written cache behind.
+    Returns the path of the .json file.
+    """
+    stem = os.path.join(folder, f"{os.path.basename(path)}.{digest[:16]}")
+    size = os.path.getsize(path)
+    bar = tqdm(total=2 * size, unit="B", unit_scale=True, desc=f"encoding {os.path.basename(path)}",
+               disable=not progress or size < 32 * 2**20, leave=False)
+    counts = np.zeros(0x110000, dtype=np.int64)  # one per Unicode code point
+    for codes in _code_points(path, bar):
+        counts[:codes.max() + 1] += np.bincount(codes)
+    vocab_codes = np.flatnonzero(counts)
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if len(vocab_codes) <= np.iinfo(t).max + 1)
+    to_id = np.zeros(len(counts), dtype=dtype)
+    to_id[vocab_codes] = np.arange(len(vocab_codes))  # code point -> id, in sorted order
+    meta = {"source": os.path.abspath(path), "sha256": digest, "n_ids": int(counts.sum()),
+            "dtype": np.dtype(dtype).name, "vocab": [chr(c) for c in vocab_codes]}
+    temps = []
+    try:
+        fd, tmp_bin = temp_file(folder, ".bin")
+        temps.append(tmp_bin)
+        second = hashlib.sha256()
+        with os.fdopen(fd, "wb") as f:
+            for codes in _code_points(path, bar, second):
+                f.write(to_id[codes].tobytes())
+        if second.hexdigest() != digest:
+            raise SmollError(f"'{path}' changed while it was being encoded: run again once "
+                             f"nothing is writing to it.")
+        fd, tmp_meta = temp_file(folder, ".json")
+        temps.append(tmp_meta)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(tmp_bin, stem + ".bin")
+        os.replace(tmp_meta, stem + ".json")  # last: a .json file means its .bin is complete
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise SmollError(f"the disk is full: '{folder}' has no room for the {size / 2**20:,.0f} "
+                             f"MB of encoded text. Free some space, or set SMOLL_CACHE to a folder "
+                             f"on a disk with room.") from None
+        raise
+    finally:
+        bar.close()
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    _remove_stale_caches(folder, meta["source"], stem + ".json")
+    return stem + ".json"
+
+
+def _code_points(path, bar, digest=None):
+    """Yield the text's Unicode code points as numpy arrays, CHUNK_BYTES of the file at a time.
+
+    A UTF-8 character split between two reads is carried over to the next one, so the pieces
+    decode exactly as the whole text would. Invalid UTF-8 stops with the offset of the bad byte.
+    """
+    offset, carry = 0, b""
+    with open(path, "rb", buffering=0) as f:  # unbuffered: each read sees the file as it is now
+        while raw := f.read(CHUNK_BYTES):
+            if digest is not None:
+                digest.update(raw)
+            bar.update(len(raw))
+            data = carry + raw
+            cut = _last_whole_character_end(data)
+            if cut:
+                yield _decode(data[:cut], path, offset)
+            carry, offset = data[cut:], offset + cut
+    if carry:
+        yield _decode(carry, path, offset)  # a character cut short by the end of the file: an error
+
+
+def _last_whole_character_end(data):
+    """The length of data without a multi-byte character that the next read will complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte (10xxxxxx): a character starts here
+            length = 1 if byte < 0x80 else 2 if byte >= 0xC0 and byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if length > back else len(data)
+    return len(data)  # four continuation bytes in a row: invalid, and _decode will say where
+
+
+def _decode(data, path, offset):
+    if data.isascii():  # the usual case, and 4x faster
+        return np.frombuffer(data, dtype=np.uint8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SmollError(f"'{path}' is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
+                         f"{offset + e.start:,} is not valid UTF-8. Convert the file first, e.g. "
+                         f"`iconv -f LATIN1 -t UTF-8 {path} > text.txt`, or remove that byte.") from None
+    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+def _remove_stale_caches(folder, source, keep):
+    """Delete the token files of earlier versions of the same text, so edits do not pile up."""
+    for name in os.listdir(folder):
+        other = os.path.join(folder, name)
+        if not name.endswith(".json") or name.startswith(".tmp-") or other == keep:
+            continue
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(other, encoding="utf-8") as f:
+                if json.load(f)["source"] != source:
+                    continue
+            os.remove(other[:-len(".json")] + ".bin")
+            os.remove(other)
 
 
 def split_data(data, block_size):
@@ -152,46 +332,73 @@ def split_data(data, block_size):
     return train, val
 
 
-def get_batch(data, batch_size, block_size, generator=None):
-    """Random windows of data: inputs x and targets y (x shifted left by one), each (B, T).
+def windows(data, starts, length, device="cpu"):
+    """Rows data[s : s + length] for each start s, as an int64 tensor (len(starts), length) on device.
 
-    One gather on the whole tensor; no Python loop over rows.
+    data is a numpy array (a memory-mapped token file) or a CPU tensor; only the rows are copied.
+    For a GPU they go through pinned memory and a non-blocking copy, so the host does not wait for
+    the GPU to finish its queued work.
     """
+    rows = np.asarray(data)[np.asarray(starts)[:, None] + np.arange(length)]  # (B, length)
+    rows = torch.from_numpy(rows.astype(np.int64))
+    # The gather mapped the pages around each row into this process. They stay in the OS's file
+    # cache, shared by all processes, but unless they are unmapped they count towards this
+    # process's resident memory, which would then grow with the text.
+    mapping = getattr(data, "_mmap", None)  # np.memmap's mmap object
+    if mapping is not None and hasattr(mapping, "madvise"):  # not on Windows
+        mapping.madvise(mmap.MADV_DONTNEED)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device)
+
+
+def get_batch(data, batch_size, block_size, generator=None, device="cpu"):
+    """Random windows of data: inputs x and targets y (x shifted left by one), each (B, T)."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    offsets = torch.arange(block_size + 1)  # (T+1,)
-    windows = data[(starts[:, None] + offsets).to(data.device)]  # (B, T+1)
-    return windows[:, :-1], windows[:, 1:]
+    rows = windows(data, starts.numpy(), block_size + 1, device)  # (B, T+1)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def eval_windows(n_ids, block_size, max_chars=FULL_EVAL_CHARS):
+    """Where to score a split of n_ids ids: (starts, tail). Each start begins a window of block_size
+    targets; tail > 0 adds one shorter window of the last tail targets.
+
+    Up to max_chars targets (or with max_chars=None), every target is scored once, in
+    non-overlapping windows. Past that, max_chars // block_size windows spread evenly over the
+    split: the same in every run, so scores stay comparable.
+    """
+    n_targets = n_ids - 1
+    if max_chars is None or n_targets <= max_chars:
+        return np.arange(n_targets // block_size) * block_size, n_targets % block_size
+    count = max(1, max_chars // block_size)
+    return np.linspace(0, n_targets - block_size, count).round().astype(np.int64), 0
 
 
 @torch.no_grad()
-def full_eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.float32):
-    """Mean cross-entropy over every position of data, in non-overlapping windows of block_size.
+def eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.float32,
+              max_chars=FULL_EVAL_CHARS):
+    """Mean cross-entropy over the windows of eval_windows. Returns (loss, characters scored).
 
-    Each position is predicted from the characters before it inside its window, and every one of
-    the len(data) - 1 targets counts once, so two models scored on the same split are comparable.
+    Each position is predicted from the characters before it inside its window. Scored whole,
+    two models on the same split are exactly comparable.
     """
     was_training = model.training
     model.eval()
-    n_targets = len(data) - 1
-    n_full = n_targets // block_size
-    total = 0.0
-    full = data[: n_full * block_size + 1]
-    x_all = full[:-1].view(n_full, block_size)  # (N, T)
-    y_all = full[1:].view(n_full, block_size)  # (N, T)
-    for i in range(0, n_full, batch_size):
-        x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
-        with autocast(torch.device(device), dtype):
-            _, loss = model(x, y)
-        total += loss.item() * y.numel()
-    tail = n_targets - n_full * block_size  # the last, shorter window
-    if tail > 0:
-        x = data[-tail - 1:-1].view(1, tail).to(device)
-        y = data[-tail:].view(1, tail).to(device)
-        with autocast(torch.device(device), dtype):
-            _, loss = model(x, y)
-        total += loss.item() * tail
+    device = torch.device(device)
+    starts, tail = eval_windows(len(data), block_size, max_chars)
+    total, n_scored = 0.0, 0
+    pieces = [(starts[i:i + batch_size], block_size) for i in range(0, len(starts), batch_size)]
+    if tail:
+        pieces.append((np.array([len(data) - 1 - tail]), tail))
+    for batch_starts, length in pieces:
+        rows = windows(data, batch_starts, length + 1, device)  # (B, T+1)
+        with autocast(device, dtype):
+            _, loss = model(rows[:, :-1], rows[:, 1:])
+        total += loss.item() * batch_starts.size * length
+        n_scored += batch_starts.size * length
     model.train(was_training)
-    return total / n_targets
+    return total / n_scored, n_scored
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,6 +415,15 @@ def full_eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=t
 # The NAME.last.pth training state adds optimizer, rng, best_step and finished, for --resume.
 
 
+def temp_file(folder, suffix):
+    """A new temp file in folder, to be renamed into place once written. Returns (fd, path)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
+    return fd, tmp
+
+
 def atomic_save(obj, path):
     """torch.save into a temp file beside path, then rename over it.
 
@@ -215,11 +431,8 @@ def atomic_save(obj, path):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    fd, tmp = temp_file(folder, ".pth")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -126,7 +126,10 @@ def test_torchrun_with_two_gloo_processes_trains_and_saves_one_checkpoint(tmp_pa
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-12000:]
     assert result.stdout.count("full validation loss") == 1  # only rank 0 reports
-    assert sorted(os.listdir(tmp_path)) == ["ddp.csv", "ddp.last.pth", "ddp.png", "ddp.pth", "tiny.txt"]
+    assert sorted(os.listdir(tmp_path)) == [".smoll_cache", "ddp.csv", "ddp.last.pth", "ddp.png", "ddp.pth",
+                                            "tiny.txt"]
+    # both ranks read one memory-mapped token file, which the first rank wrote alone
+    assert sorted(os.path.splitext(n)[1] for n in os.listdir(tmp_path / ".smoll_cache")) == [".bin", ".json"]
     state = torch.load(last_path(str(out)), weights_only=True)
     assert state["run"]["world_size"] == 2
     rank0, rank1 = state["rng"]
@@ -156,7 +159,7 @@ def test_training_runs_without_matplotlib(tmp_path, tiny_text, monkeypatch, caps
     monkeypatch.setattr(utils, "import_pyplot", no_matplotlib)
     train(make_config(**TINY), tiny_text, str(tmp_path / "run.pth"), sample_chars=0)
     assert "no loss curve: drawing pictures needs matplotlib" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == ["run.csv", "run.last.pth", "run.pth", "tiny.txt"]
+    assert sorted(os.listdir(tmp_path)) == [".smoll_cache", "run.csv", "run.last.pth", "run.pth", "tiny.txt"]
 
 
 def test_attention_maps_are_causal_distributions_and_drawn(tmp_path, tiny_text, capsys):

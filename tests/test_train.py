@@ -11,7 +11,7 @@ import train as train_script
 from config import Config, make_config
 from models import Bigram, TinyGPT
 from train import get_lr, train
-from utils import (CharTokenizer, SmollError, full_eval_loss, get_batch, load_model, save_checkpoint,
+from utils import (CharTokenizer, SmollError, eval_loss, get_batch, load_model, save_checkpoint,
                    split_data)
 
 
@@ -155,7 +155,7 @@ def test_load_model_gives_clear_errors(tmp_path, tiny_config):
         load_model(str(tmp_path / "mismatched.pth"))
 
 
-def test_full_eval_loss_counts_every_position_once():
+def test_eval_loss_counts_every_position_once():
     """A bigram's loss at a position does not depend on the window, so the windowed full
     evaluation must equal the plain mean over all consecutive pairs, the last short window included."""
     torch.manual_seed(0)
@@ -164,7 +164,9 @@ def test_full_eval_loss_counts_every_position_once():
     data = torch.randint(11, (1003,))  # 1002 targets: 143 windows of 7 and a tail of 1
     logits, _ = model(data[:-1].view(1, -1))
     expected = F.cross_entropy(logits[0], data[1:]).item()
-    assert full_eval_loss(model, data, block_size=7, batch_size=10) == pytest.approx(expected, rel=1e-5)
+    loss, n_scored = eval_loss(model, data, block_size=7, batch_size=10)
+    assert n_scored == 1002
+    assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_training_is_reproducible_and_keeps_the_previous_checkpoint(tmp_path, tiny_config, tiny_text):
