@@ -268,6 +268,7 @@ def _code_points(path, bar, digest=None):
 
     A UTF-8 character split between two reads is carried over to the next one, so the pieces
     decode exactly as the whole text would. Invalid UTF-8 stops with the offset of the bad byte.
+    Line endings become "\n", as when Python reads a text file: "\r\n" (Windows) and "\r".
     """
     offset, carry = 0, b""
     with open(path, "rb", buffering=0) as f:  # unbuffered: each read sees the file as it is now
@@ -281,21 +282,26 @@ def _code_points(path, bar, digest=None):
                 yield _decode(data[:cut], path, offset)
             carry, offset = data[cut:], offset + cut
     if carry:
-        yield _decode(carry, path, offset)  # a character cut short by the end of the file: an error
+        yield _decode(carry, path, offset)  # the file's last "\r", or a character cut short: an error
 
 
 def _last_whole_character_end(data):
-    """The length of data without a multi-byte character that the next read will complete."""
+    """The length of data without what the next read may complete: a multi-byte character, or a
+    "\r" whose "\n" may follow."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if byte & 0xC0 != 0x80:  # not a continuation byte (10xxxxxx): a character starts here
             length = 1 if byte < 0x80 else 2 if byte >= 0xC0 and byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return len(data) - back if length > back else len(data)
+            if length > back or byte == 0x0D:  # 0x0D is "\r"
+                return len(data) - back
+            return len(data)
     return len(data)  # four continuation bytes in a row: invalid, and _decode will say where
 
 
 def _decode(data, path, offset):
     if data.isascii():  # the usual case, and 4x faster
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         return np.frombuffer(data, dtype=np.uint8)
     try:
         text = data.decode("utf-8")
@@ -303,6 +309,8 @@ def _decode(data, path, offset):
         raise SmollError(f"'{path}' is not UTF-8 text: byte 0x{data[e.start]:02x} at offset "
                          f"{offset + e.start:,} is not valid UTF-8. Convert the file first, e.g. "
                          f"`iconv -f LATIN1 -t UTF-8 {path} > text.txt`, or remove that byte.") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 

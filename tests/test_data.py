@@ -40,6 +40,14 @@ def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path, monkeypatch, 
     assert ids.tolist() == whole.encode(MIXED)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 24])
+def test_line_endings_become_newlines_as_when_python_reads_text(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(utils, "CHUNK_BYTES", chunk)
+    text = "Windows\r\nold Mac\rUnix\nnaïve\r\n" * 20 + "\r"
+    ids, tokenizer = load_tokens(write(tmp_path, text))
+    assert tokenizer.decode(ids.tolist()) == text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def test_tiny_shakespeare_keeps_its_vocabulary_and_ids():
     ids, tokenizer = load_tokens(SHAKESPEARE)
     with open(SHAKESPEARE, encoding="utf-8") as f:
