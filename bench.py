@@ -22,24 +22,19 @@ from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model, pack_for_cpu_sampling
 from train import make_optimizer
 from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
-                   read_text, resolve_dtype, split_data)
+                   read_text, resolve_dtype, split_data, synchronize)
 
 VOCAB = 65  # Tiny Shakespeare's
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats):
     """Seconds per call of fn, after one warm-up call."""
     fn()
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / repeats
 
 
@@ -132,11 +127,11 @@ def bench_sampling(config, device, dtype, chars):
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
     steps = model.stream(prompt, chars + 1)
     next(steps)  # the prompt itself is not timed: from here on, every step is past the window
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in steps:
         pass
-    sync(device)
+    synchronize(device)
     return chars / (time.perf_counter() - t0)
 
 
@@ -146,19 +141,22 @@ def bench_reference_sampling(config, device, chars):
     model = NanoGPTStyle(config, VOCAB).to(device).eval()
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
     model.generate(prompt, 1)  # warm-up
-    sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     model.generate(prompt, chars)
-    sync(device)
+    synchronize(device)
     return chars / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
-def window_quality(weights, data_path, n_texts=16, device="cpu"):
+def window_quality(weights, data_path, n_texts=16, device="cpu", dtype=torch.float32):
     """Past the window, compare the loss of what the KV cache computes (sliding-window attention,
     the model's forward pass over a long text) with rerunning the model on the last block_size
-    characters for every position. Scored on n_texts random 4-window texts from the val split."""
+    characters for every position. Scored on n_texts random 4-window texts from the val split,
+    with the model in dtype, set up the way play.py samples with it."""
     model, tokenizer, config = load_model(weights, device, flag="--window_quality")
+    model.to(dtype)
+    pack_for_cpu_sampling(model)
     W = config.block_size
     data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
     _, val = split_data(data, W)
@@ -167,10 +165,10 @@ def window_quality(weights, data_path, n_texts=16, device="cpu"):
     for s in starts.tolist():
         x, y = val[s:s + 4 * W].to(device), val[s + 1:s + 4 * W + 1].to(device)
         logits, _ = model(x[None])  # (1, 4W, V): every position sees the W ending at itself
-        sliding.append(F.cross_entropy(logits[0, W:], y[W:], reduction="none"))
+        sliding.append(F.cross_entropy(logits[0, W:].float(), y[W:], reduction="none"))
         windows = torch.stack([x[t - W + 1:t + 1] for t in range(W, 4 * W)])  # (3W, W)
         logits, _ = model(windows)  # each position rerun on its own last W characters
-        rerun.append(F.cross_entropy(logits[:, -1], y[W:], reduction="none"))
+        rerun.append(F.cross_entropy(logits[:, -1].float(), y[W:], reduction="none"))
     return torch.cat(sliding).mean().item(), torch.cat(rerun).mean().item(), 3 * W * n_texts
 
 
@@ -205,11 +203,12 @@ def main(argv=None):
     dtype = resolve_dtype(config.dtype, device)
     if args.window_quality:
         try:
-            sliding, rerun, n = window_quality(args.window_quality, DEFAULT_DATA, device=device)
+            sliding, rerun, n = window_quality(args.window_quality, DEFAULT_DATA, device=device, dtype=dtype)
         except SmollError as e:
             parser.exit(1, f"error: {e}\n")
-        print(f"validation loss past the window, {n:,} positions: {sliding:.4f} nats/char with the KV "
-              f"cache (sliding window) | {rerun:.4f} rerunning the last block_size characters")
+        print(f"validation loss past the window in {str(dtype)[6:]}, {n:,} positions: {sliding:.4f} "
+              f"nats/char with the KV cache (sliding window) | {rerun:.4f} rerunning the last "
+              f"block_size characters")
         return
 
     print(f"device: {describe_device(device)} | torch {torch.__version__} | training in {str(dtype)[6:]}")

@@ -24,6 +24,7 @@ class Config:
     dropout: float = 0.2  # dropout probability during training (0 turns it off)
     # --- optimisation ---
     batch_size: int = 64  # sequences per optimizer step
+    grad_accum: int = 1  # run each batch as this many micro-batches: same update, less memory
     learning_rate: float = 3e-4  # peak learning rate of AdamW
     max_iters: int = 5000  # optimizer steps (older versions called these "epochs")
     time_budget: float = 0.0  # seconds: train for this long instead of max_iters (0 = off)
@@ -36,14 +37,14 @@ class Config:
     eval_iters: int = 200  # batches per loss estimate
     seed: int = 1337  # seeds the weights, the batches and dropout: same seed, same run
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one of them
-    dtype: str = "auto"  # "float32" or "bfloat16" autocast; "auto" = bfloat16 where it is fast
+    dtype: str = "auto"  # autocast "float32", "bfloat16" or "float16"; "auto" = the device's fastest
     compile: str = "auto"  # torch.compile the training step: "on", "off"; "auto" = on CUDA only
 
     def validate(self):
         """Raise ValueError with a sentence that names the fix for the first bad value."""
         if self.model not in MODELS:
             raise ValueError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}.")
-        for name in ("block_size", "n_embd", "n_head", "n_layer", "batch_size", "max_iters",
+        for name in ("block_size", "n_embd", "n_head", "n_layer", "batch_size", "grad_accum", "max_iters",
                      "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -54,6 +55,9 @@ class Config:
         if self.n_embd // self.n_head % 2 != 0:
             raise ValueError(f"the head size n_embd/n_head = {self.n_embd // self.n_head} must be even "
                              f"for rotary position embeddings: change --n_embd or --n_head.")
+        if self.batch_size % self.grad_accum != 0:
+            raise ValueError(f"--batch_size {self.batch_size} does not split into --grad_accum "
+                             f"{self.grad_accum} equal micro-batches: pick a grad_accum that divides it.")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be positive, got {self.learning_rate}.")
         if not 0 <= self.dropout < 1:
@@ -65,8 +69,8 @@ class Config:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}.")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not self.device.startswith("cuda:"):
             raise ValueError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps.")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"unknown dtype '{self.dtype}': use auto, float32 or bfloat16.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype '{self.dtype}': use auto, float32, bfloat16 or float16.")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"unknown --compile '{self.compile}': use auto, on or off.")
 

@@ -46,6 +46,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)  # undo the sort
     probs = F.softmax(logits, dim=-1)  # (B, V)
+    if probs.device.type == "mps":  # MPS's multinomial can pick an id of probability 0: draw on the CPU
+        return torch.multinomial(probs.cpu(), num_samples=1).to(probs.device)  # (B, 1)
     return torch.multinomial(probs, num_samples=1)  # (B, 1)
 
 
@@ -419,8 +421,11 @@ def pack_for_cpu_sampling(model):
                and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
     try:
         packed = [PackedLinear(child) for _, _, child in linears]
-    except RuntimeError:  # a oneDNN that cannot pack bfloat16 on this CPU: keep nn.Linear
-        return 0
+        if packed:  # these are private ops: check once that they exist here and compute x @ W^T
+            x = torch.randn(2, linears[0][2].in_features, dtype=torch.bfloat16)
+            torch.testing.assert_close(packed[0](x), F.linear(x, linears[0][2].weight), rtol=2e-2, atol=2e-2)
+    except (RuntimeError, AttributeError, NotImplementedError, AssertionError):
+        return 0  # a PyTorch without these ops, or a oneDNN that cannot pack bfloat16 here: keep nn.Linear
     for (parent, name, _), new in zip(linears, packed):
         setattr(parent, name, new)
     return len(packed)

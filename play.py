@@ -48,10 +48,12 @@ def build_parser():
                         help="how many continuations to write, generated together in one batch")
     parser.add_argument("--seed", type=int, help="fix the randomness: the same seed gives the same text")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights' precision while sampling (default: float32, where the cache "
-                             "gives exactly the text of --no_cache). bfloat16 is faster on CPUs "
-                             "with bf16 instructions; rounding can make its text differ")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="weights' precision while sampling. auto (the default) is the fastest "
+                             "this device runs natively: bfloat16 on CPUs with bf16 instructions and "
+                             "on GPUs from the A100/RTX 30xx on, float16 on older GPUs, float32 "
+                             "elsewhere. In float32 the cache gives exactly the text of --no_cache; "
+                             "in lower precisions rounding can make the two differ")
     parser.add_argument("--interactive", action="store_true",
                         help="a prompt loop in the terminal; /help lists its commands")
     parser.add_argument("--verbose", action="store_true", help="print the speed in characters/s at the end")
@@ -208,7 +210,7 @@ def play(args):
     dtype = resolve_dtype(args.dtype, device)
     model.to(dtype)
     pack_for_cpu_sampling(model)  # bfloat16 on a CPU only: the same numbers, read faster
-    args.dtype = str(dtype)[6:]  # "float32" or "bfloat16", for --verbose
+    args.dtype = str(dtype)[6:]  # "float32", "bfloat16" or "float16", for --verbose
     prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
     if args.attention:
         draw_attention(model, tokenizer, config, prompt, args.attention, device)

@@ -17,6 +17,7 @@ A run writes, beside --out NAME.pth:
 """
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -25,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -36,13 +37,14 @@ from tqdm import tqdm
 
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
 from models import build_model
-from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, SmollError, atomic_save, autocast,
-                   describe_device, eval_loss, get_batch, get_device, git_commit, load_checkpoint,
-                   load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint, split_data)
+from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, CharTokenizer, SmollError, atomic_save,
+                   autocast, describe_device, eval_loss, get_batch, get_device, git_commit,
+                   load_checkpoint, load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint,
+                   split_data, synchronize, to_cpu)
 
-# The fields a resumed run takes from its checkpoint; device, dtype and compile may change
-# between machines.
-HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype", "compile"}
+# The fields a resumed run takes from its checkpoint; device, dtype, compile and grad_accum may
+# change between machines.
+HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype", "compile", "grad_accum"}
 
 
 def get_lr(step, config, elapsed=0.0):
@@ -64,29 +66,46 @@ def get_lr(step, config, elapsed=0.0):
     return min(warmup, decayed) if step < config.warmup_iters else decayed
 
 
+def optimizer_flags(device):
+    """One fused kernel for the whole AdamW update on CUDA; a few batched (foreach) ops elsewhere."""
+    fused = device.type == "cuda"
+    return {"fused": fused, "foreach": not fused}
+
+
 def make_optimizer(model, config, device):
     """AdamW with weight decay on weight matrices only: decaying gains and biases only hurts."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # one kernel for the whole update; foreach elsewhere
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.99),
-                             fused=fused, foreach=not fused)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.99), **optimizer_flags(device))
 
 
 @torch.no_grad()
-def estimate_loss(model, eval_batches, device, dtype):
-    """Mean loss over fixed batches per split, so curves are comparable between evaluations."""
+def estimate_loss(model, eval_batches, device, dtype, stop=None):
+    """Mean loss over fixed batches per split, so curves are comparable between evaluations.
+
+    A progress bar shows up when it takes more than a second. Returns None, at once, when a Ctrl-C
+    asks the run to stop (stop.requested).
+    """
     model.eval()
     out = {}
-    for split, batches in eval_batches.items():
-        losses = torch.zeros(len(batches))
-        for i, (x, y) in enumerate(batches):
-            with autocast(device, dtype):
-                _, loss = model(x, y)
-            losses[i] = loss.item()
-        out[split] = losses.mean().item()
-    model.train()
+    bar = tqdm(total=sum(len(b) for b in eval_batches.values()), desc="evaluating", unit="batch",
+               leave=False, delay=1.0, dynamic_ncols=True, file=sys.stdout, position=0,
+               mininterval=0.1 if sys.stdout.isatty() else 5.0)
+    try:
+        for split, batches in eval_batches.items():
+            losses = torch.zeros(len(batches))
+            for i, (x, y) in enumerate(batches):
+                if stop is not None and stop.requested:
+                    return None
+                with autocast(device, dtype):
+                    _, loss = model(x, y)
+                losses[i] = loss.item()
+                bar.update()
+            out[split] = losses.mean().item()
+    finally:
+        bar.close()
+        model.train()
     return out
 
 
@@ -115,8 +134,9 @@ def write_history_csv(history, path):
 
 
 class StopFlag:
-    """Turns the first Ctrl-C into a request to stop at the next step boundary, so the saved state
-    is never half an optimizer step. A second Ctrl-C stops at once."""
+    """Turns the first Ctrl-C into a request to stop at the next step boundary (or in the middle
+    of an evaluation), so the saved state is never half an optimizer step. A second Ctrl-C stops
+    at once."""
 
     def __init__(self):
         self.requested = False
@@ -134,8 +154,7 @@ class StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: saving after this step (press again to quit at once)", file=sys.stderr,
-              flush=True)
+        print("\nCtrl-C: stopping and saving (press again to quit at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -172,7 +191,13 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
     out_path = out_path or DEFAULT_WEIGHTS[config.model]
     state = None
     if resume:
-        state = load_checkpoint(last_path(out_path))
+        try:
+            state = load_checkpoint(last_path(out_path))
+        except SmollError as e:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank reads the file rank 0 wrote
+                raise SmollError(f"{e} Under torchrun on several machines, --out must be on storage "
+                                 f"that every machine sees (a shared filesystem).") from None
+            raise
         if "optimizer" not in state:
             raise SmollError(f"'{last_path(out_path)}' holds weights but no training state to "
                              f"resume from: start a new run without --resume.")
@@ -181,7 +206,11 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
                              f"{state['step']}: there is nothing to resume. Start a new run (with a "
                              f"larger --max_iters or --time_budget to train longer).")
         config = replace(config_from_dict(state["config"]), device=config.device, dtype=config.dtype,
-                         compile=config.compile)
+                         compile=config.compile, grad_accum=config.grad_accum)
+        try:
+            config.validate()  # --grad_accum must still divide the saved run's batch size
+        except ValueError as e:
+            raise SmollError(str(e)) from None
     if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
     rank, world_size, device = setup_distributed(config)
@@ -211,13 +240,102 @@ def load_data(data_path, rank, world_size):
             dist.barrier()
 
 
+@dataclass
+class Run:
+    """What a training run holds while it trains; the functions below share it."""
+    config: Config
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world_size: int
+    out_path: str
+    tokenizer: CharTokenizer
+    text_ids: np.ndarray  # the whole text, memory-mapped: train_data and val_data are its two parts
+    train_data: np.ndarray
+    val_data: np.ndarray
+    eval_batches: dict  # split -> fixed [(x, y), ...], the same at every evaluation
+    model: torch.nn.Module  # what checkpoints save
+    train_model: torch.nn.Module  # what the step runs: model, wrapped by DDP and torch.compile
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # only enabled for float16
+    batch_rng: torch.Generator
+    record: dict  # where and how it was trained, saved in checkpoints as "run"
+    resumed: bool
+    step: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val": float("inf"), "step": -1})
+    backup: str = None  # where an earlier checkpoint at out_path was kept
+    eval_seconds: float = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
+    compiled: bool = False  # whether train_model runs through torch.compile
+    time_before: float = 0.0  # training seconds of earlier sessions of a resumed run
+    t_start: float = 0.0  # when this session's clock started, after the warm-up
+    step_start: int = 0  # the step this session started at
+
+    def log(self, *args, **kwargs):
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+    def elapsed(self):
+        """Training seconds so far, across resumes."""
+        return self.time_before + time.perf_counter() - self.t_start
+
+    def tokens_per_s(self):
+        tokens = (self.step - self.step_start) * self.config.batch_size * self.config.block_size
+        return tokens * self.world_size / (time.perf_counter() - self.t_start)
+
+
 def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval):
+    r = setup_run(config, data_path, out_path, state, rank, world_size, device)
+    compile_seconds, step_seconds, eval_seconds = warm_up(r)
+    if compile_seconds:
+        r.record["compile_s"] = round(compile_seconds, 1)
+        r.log(f"compiled the training step in {compile_seconds:.1f} s (not counted as training time)")
+    announce_estimate(r, step_seconds, eval_seconds)
+    r.time_before, r.t_start, r.step_start = r.record["train_time_s"], time.perf_counter(), r.step
+    budget = config.time_budget
+    # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws often;
+    # into a log file, every few seconds is plenty.
+    bar = tqdm(total=round(budget) if budget else config.max_iters, initial=0 if budget else r.step,
+               unit="s" if budget else "step", dynamic_ncols=True, file=sys.stdout,
+               mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=rank != 0)
+    interrupted = False
+    with StopFlag() as stop:
+        while True:
+            r.record["train_time_s"] = r.elapsed()
+            if budget:
+                last_step = r.record["train_time_s"] + r.eval_seconds >= budget
+            else:
+                last_step = r.step == config.max_iters
+            due = r.step % config.eval_interval == 0 or last_step
+            if due and not (r.history and r.history[-1]["step"] == r.step):  # a resumed step is done
+                if rank == 0 and not evaluate_and_keep_best(r, bar, stop if world_size == 1 else None):
+                    save_state(r, finished=False)  # Ctrl-C during the evaluation
+                    interrupted = True
+                    break
+                save_state(r, finished=last_step)
+            if last_step:
+                break
+            if stop_requested(stop, r.step, world_size, device):
+                save_state(r, finished=False)
+                interrupted = True
+                break
+            lr = get_lr(r.step, config, r.record["train_time_s"])
+            loss = train_step(r, lr)
+            r.step += 1
+            bar.update(min(r.elapsed(), budget) - bar.n if budget else 1)
+            if r.step % 10 == 0 or r.step == config.max_iters:  # .item() waits for the GPU: not every step
+                check_loss(loss.item(), r)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{r.tokens_per_s():,.0f}")
+    bar.close()
+    return finish_run(r, interrupted, sample_chars, full_eval)
+
+
+def setup_run(config, data_path, out_path, state, rank, world_size, device):
+    """Data, model, optimizer and, with state, everything a resumed run picks up again."""
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for anything left in fp32
         torch.backends.cudnn.allow_tf32 = True
-    log = print if rank == 0 else (lambda *args, **kwargs: None)
-
     ids, tokenizer = load_data(data_path, rank, world_size)  # memory-mapped: batches are read from disk
     if state is not None and tokenizer.chars != state["vocab"]:
         raise SmollError(f"'{data_path}' is not the text this run was trained on (its characters "
@@ -227,176 +345,238 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, config, device)
+    # float16 needs loss scaling: small gradients would round to zero. The scaler multiplies the loss
+    # before backward and divides the gradients before the update; a step whose gradients overflow
+    # is skipped and the scale lowered. Disabled, it passes everything through unchanged.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     torch.manual_seed(config.seed + rank)  # dropout differs between ranks
     batch_rng = torch.Generator().manual_seed(config.seed + rank)  # so do the batches
     eval_rng = torch.Generator().manual_seed(0)  # the same eval batches in every run
     eval_batches = {split: [get_batch(d, config.batch_size, config.block_size, eval_rng, device)
                             for _ in range(config.eval_iters)]
                     for split, d in (("train", train_data), ("val", val_data))}
-
-    step, history, best = 0, [], {"val": float("inf"), "step": -1}
-    run = {"git_commit": git_commit(), "device": describe_device(device), "dtype": str(dtype)[6:],
-           "torch": str(torch.__version__), "world_size": world_size,
-           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "train_time_s": 0.0}
-    if state is not None:  # pick up exactly where the saved run stopped
-        model.load_state_dict(state["model_state"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, run = state["step"], state["history"], state["run"]
-        best = {"val": state["val_loss"], "step": state["best_step"]}
-        if len(state["rng"]) != world_size:
-            raise SmollError(f"this run was saved from {len(state['rng'])} process(es): resume it "
-                             f"with the same number, not {world_size}.")
-        rng = state["rng"][rank]
-        torch.set_rng_state(rng["torch"])
-        batch_rng.set_state(rng["batch"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], device)
+    record = {"git_commit": git_commit(), "device": describe_device(device), "dtype": str(dtype)[6:],
+              "torch": str(torch.__version__), "world_size": world_size,
+              "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "train_time_s": 0.0}
+    r = Run(config, device, dtype, rank, world_size, out_path, tokenizer, ids, train_data, val_data,
+            eval_batches, model, model, optimizer, scaler, batch_rng, record, resumed=state is not None)
+    if state is not None:
+        restore_state(r, state)
     # Under torchrun, DDP averages the gradients of all ranks during backward().
     # Its buffers are the constant rotary tables: equal on every rank, so no syncing at each step.
-    train_model = DistributedDataParallel(model, forward_sync_buffers=False) if world_size > 1 else model
-    if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
+    if world_size > 1:
+        r.train_model = DistributedDataParallel(model, forward_sync_buffers=False)
+    r.compiled = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
+    if r.compiled:
         # Fuses the step's small kernels. Checkpoints save `model`, the uncompiled module, so their
         # keys never get the "_orig_mod." prefix. Where compiling fails (no compiler, an old GPU),
         # the step runs uncompiled instead of stopping the run.
         torch._dynamo.config.suppress_errors = True
-        train_model = torch.compile(train_model)
+        r.train_model = torch.compile(r.train_model)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
-        f"{len(train_data):,} train / {len(val_data):,} val characters | {run['device']} "
-        f"{run['dtype']}" + (f" | {world_size} processes" if world_size > 1 else ""))
-    log(f"{'resuming at step ' + str(step) if state else 'saving the best checkpoint'} "
-        f"to {os.path.relpath(out_path)}")
+    r.log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
+          f"{len(train_data):,} train / {len(val_data):,} val characters | {record['device']} "
+          f"{record['dtype']}" + (f" | {world_size} processes" if world_size > 1 else ""))
+    r.log(f"{'resuming at step ' + str(r.step) if state else 'saving the best checkpoint'} "
+          f"to {os.path.relpath(out_path)}")
+    return r
 
-    tokens_per_step = config.batch_size * config.block_size * world_size
-    backup = None
-    t_start, time_before, step_start = time.perf_counter(), run["train_time_s"], step
 
-    def save_state(finished):
-        """The full state, for --resume: every rank's RNG states are gathered into rank 0's file.
-        A finished run is marked, so that --resume leaves it alone."""
-        rng = {"torch": torch.get_rng_state(), "batch": batch_rng.get_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        rngs = [rng]
-        if world_size > 1:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng)
-        if rank == 0:
-            save_checkpoint(last_path(out_path), model, config, tokenizer, step, best["val"], half=False,
-                            optimizer=optimizer.state_dict(), rng=rngs, best_step=best["step"],
-                            history=history, run=run, finished=finished)
+def restore_state(r, state):
+    """Pick up exactly where the saved run stopped."""
+    r.model.load_state_dict(state["model_state"])
+    r.optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
+    for group in r.optimizer.param_groups:  # the saved flags are those of the machine that saved
+        group.update(optimizer_flags(r.device))
+    if r.scaler.is_enabled() and state.get("scaler"):
+        r.scaler.load_state_dict(state["scaler"])
+    r.step, r.history, r.record = state["step"], state["history"], state["run"]
+    r.best = {"val": state["val_loss"], "step": state["best_step"]}
+    if len(state["rng"]) != r.world_size:
+        raise SmollError(f"this run was saved from {len(state['rng'])} process(es): resume it "
+                         f"with the same number, not {r.world_size}.")
+    set_rng_states(state["rng"][r.rank], r.device, r.batch_rng)
 
-    # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws often;
-    # into a log file, every few seconds is plenty.
-    budget = config.time_budget
-    bar = tqdm(total=round(budget) if budget else config.max_iters, initial=0 if budget else step,
-               unit="s" if budget else "step", dynamic_ncols=True, file=sys.stdout,
-               mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=rank != 0)
-    eval_seconds = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
-    interrupted = False
-    with StopFlag() as stop:
-        while True:
-            run["train_time_s"] = time_before + time.perf_counter() - t_start
-            if budget:
-                last_step = run["train_time_s"] + eval_seconds >= budget
-            else:
-                last_step = step == config.max_iters
-            # Evaluate (rank 0 only), keep the best checkpoint, and save the state for --resume.
-            due = step % config.eval_interval == 0 or last_step
-            if due and not (history and history[-1]["step"] == step):  # a resumed step is done
-                if rank == 0:
-                    t_eval = time.perf_counter()
-                    losses = estimate_loss(model, eval_batches, device, dtype)
-                    eval_seconds = time.perf_counter() - t_eval
-                    check_finite(losses["train"], step, out_path, config)
-                    check_finite(losses["val"], step, out_path, config)
-                    elapsed = time.perf_counter() - t_start
-                    history.append({"step": step, "train_loss": round(losses["train"], 5),
-                                    "val_loss": round(losses["val"], 5),
-                                    "lr": get_lr(min(step, config.max_iters - 1), config,
-                                                 run["train_time_s"]),
-                                    "tokens_per_s": round((step - step_start) * tokens_per_step / elapsed),
-                                    "time_s": round(run["train_time_s"], 2)})
-                    mark = ""
-                    if losses["val"] < best["val"]:
-                        if best["step"] < 0 and state is None:
-                            backup = keep_previous(out_path)
-                        best = {"val": losses["val"], "step": step}
-                        save_checkpoint(out_path, model, config, tokenizer, step, best["val"],
-                                        history=history, run=run)
-                        mark = " (saved)"
-                    write_history_csv(history, os.path.splitext(out_path)[0] + ".csv")
-                    bar.write(f"step {step:5d} | train {losses['train']:.4f} | "
-                              f"val {losses['val']:.4f}{mark}")
-                save_state(finished=last_step)
-            if last_step:
-                break
-            if stop_requested(stop, step, world_size, device):
-                save_state(finished=False)
-                interrupted = True
-                break
 
-            # One optimizer step.
-            lr = get_lr(step, config, run["train_time_s"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = get_batch(train_data, config.batch_size, config.block_size, batch_rng, device)
-            with autocast(device, dtype):
-                _, loss = train_model(x, y)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+def rng_states(device, batch_rng):
+    """Every random number generator a run draws from: dropout's (CPU and GPU) and the batches'."""
+    rng = {"torch": torch.get_rng_state(), "batch": batch_rng.get_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        rng["mps"] = torch.mps.get_rng_state()
+    return rng
 
-            bar.update(min(time_before + time.perf_counter() - t_start, budget) - bar.n if budget else 1)
-            if step % 10 == 0 or step == config.max_iters:  # .item() waits for the GPU: not every step
-                loss_value = loss.item()
-                check_finite(loss_value, step, out_path, config)
-                elapsed = time.perf_counter() - t_start
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{(step - step_start) * tokens_per_step / elapsed:,.0f}")
-    bar.close()
-    if rank != 0:
+
+def set_rng_states(rng, device, batch_rng):
+    torch.set_rng_state(rng["torch"])
+    batch_rng.set_state(rng["batch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    elif device.type == "mps" and "mps" in rng:
+        torch.mps.set_rng_state(rng["mps"])
+
+
+def warm_up(r):
+    """One forward and backward pass on a throwaway batch before the clock starts (two, really: the
+    first sets up or compiles, the second is timed), then one evaluation batch. The gradients are
+    dropped and every RNG state is put back, so the run goes on exactly as without them.
+
+    torch.compile compiles the step here: on CUDA that takes tens of seconds, which would
+    otherwise eat into --time_budget and the tokens/s. The timings give the run's estimate.
+    Returns (seconds spent compiling, or 0; seconds an optimizer step takes; seconds an evaluation takes).
+    """
+    c = r.config
+    x, y = get_batch(r.train_data, c.batch_size // c.grad_accum, c.block_size,
+                     torch.Generator().manual_seed(0), r.device)
+    saved = rng_states(r.device, r.batch_rng)
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        with autocast(r.device, r.dtype):
+            _, loss = r.train_model(x, y)
+        loss.backward()
+        synchronize(r.device)
+        times.append(time.perf_counter() - t)
+    r.optimizer.zero_grad(set_to_none=True)
+    set_rng_states(saved, r.device, r.batch_rng)
+    r.model.eval()
+    t = time.perf_counter()
+    with torch.no_grad(), autocast(r.device, r.dtype):
+        r.model(*r.eval_batches["val"][0])
+    synchronize(r.device)
+    eval_seconds = 2 * c.eval_iters * (time.perf_counter() - t)
+    r.model.train()
+    return (times[0] - times[1] if r.compiled else 0.0), times[1] * c.grad_accum, eval_seconds
+
+
+def announce_estimate(r, step_seconds, eval_seconds):
+    """Say how long the run will take here, and point a CPU user to --preset cpu."""
+    c = r.config
+    if c.time_budget:
+        return  # it takes its budget
+    steps_left = c.max_iters - r.step
+    evals_left = steps_left // c.eval_interval + 1
+    total = steps_left * step_seconds + evals_left * eval_seconds
+    r.log(f"estimated time here: {format_seconds(total)} ({steps_left:,} steps of {step_seconds:.2g} s "
+          f"and {evals_left} evaluations of {format_seconds(eval_seconds)})")
+    if r.device.type == "cpu" and total > 600:
+        r.log("no GPU here: `python train.py --preset cpu` trains the best TinyGPT this CPU makes in 5 "
+              "minutes (`--time_budget SECONDS` sets another budget)")
+
+
+def format_seconds(s):
+    if s < 90:
+        return f"{s:.2g} s"
+    return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def train_step(r, lr):
+    """One optimizer step on one batch, run as config.grad_accum micro-batches whose gradients add up
+    to the whole batch's. Returns the batch's mean loss, as a tensor (reading it waits for the GPU)."""
+    c = r.config
+    for group in r.optimizer.param_groups:
+        group["lr"] = lr
+    x, y = get_batch(r.train_data, c.batch_size, c.block_size, r.batch_rng, r.device)  # (B, T) each
+    total = 0.0
+    for i, (x_micro, y_micro) in enumerate(zip(x.chunk(c.grad_accum), y.chunk(c.grad_accum))):
+        # Under DDP, averaging the gradients across ranks once, after the last micro-batch, is enough.
+        last = i == c.grad_accum - 1
+        with contextlib.nullcontext() if last or r.world_size == 1 else r.train_model.no_sync():
+            with autocast(r.device, r.dtype):
+                _, loss = r.train_model(x_micro, y_micro)
+            r.scaler.scale(loss / c.grad_accum).backward()  # each micro-batch is 1/grad_accum of the mean
+        total += loss.detach() / c.grad_accum
+    if c.grad_clip > 0:
+        r.scaler.unscale_(r.optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(r.model.parameters(), c.grad_clip)
+    r.scaler.step(r.optimizer)  # skips the update if float16 gradients overflowed
+    r.scaler.update()
+    r.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def evaluate_and_keep_best(r, bar, stop):
+    """Estimate the losses, save the best checkpoint and the history. Rank 0 only. Returns False
+    when a Ctrl-C stopped the evaluation."""
+    t_eval = time.perf_counter()
+    losses = estimate_loss(r.model, r.eval_batches, r.device, r.dtype, stop)
+    if losses is None:
+        return False
+    r.eval_seconds = time.perf_counter() - t_eval
+    check_finite(losses["train"], r.step, r.out_path, r.config)
+    check_finite(losses["val"], r.step, r.out_path, r.config)
+    r.history.append({"step": r.step, "train_loss": round(losses["train"], 5),
+                      "val_loss": round(losses["val"], 5),
+                      "lr": get_lr(min(r.step, r.config.max_iters - 1), r.config, r.record["train_time_s"]),
+                      "tokens_per_s": round(r.tokens_per_s()), "time_s": round(r.record["train_time_s"], 2)})
+    mark = ""
+    if losses["val"] < r.best["val"]:
+        if r.best["step"] < 0 and not r.resumed:
+            r.backup = keep_previous(r.out_path)
+        r.best = {"val": losses["val"], "step": r.step}
+        save_checkpoint(r.out_path, r.model, r.config, r.tokenizer, r.step, r.best["val"],
+                        history=r.history, run=r.record)
+        mark = " (saved)"
+    write_history_csv(r.history, os.path.splitext(r.out_path)[0] + ".csv")
+    bar.write(f"step {r.step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
+    return True
+
+
+def save_state(r, finished):
+    """The full state, for --resume: every rank's RNG states are gathered into rank 0's file, and
+    every tensor goes to the CPU, so the file loads on any machine. A finished run is marked, so
+    that --resume leaves it alone."""
+    rngs = [rng_states(r.device, r.batch_rng)]
+    if r.world_size > 1:
+        rngs = [None] * r.world_size
+        dist.all_gather_object(rngs, rng_states(r.device, r.batch_rng))
+    if r.rank == 0:
+        save_checkpoint(last_path(r.out_path), r.model, r.config, r.tokenizer, r.step, r.best["val"],
+                        half=False, optimizer=to_cpu(r.optimizer.state_dict()), scaler=r.scaler.state_dict(),
+                        rng=rngs, best_step=r.best["step"], history=r.history, run=r.record,
+                        finished=finished)
+
+
+def finish_run(r, interrupted, sample_chars, full_eval):
+    """Report, score the best checkpoint on the validation split, draw the curve, print a sample."""
+    if r.rank != 0:
         return {}
-    result = {"best_val": best["val"], "best_step": best["step"], "history": history}
+    out = os.path.relpath(r.out_path)
+    result = {"best_val": r.best["val"], "best_step": r.best["step"], "history": r.history}
     if interrupted:
-        log(f"interrupted at step {step}. The best checkpoint is {os.path.relpath(out_path)}; "
-            f"continue with: python train.py --resume --out {os.path.relpath(out_path)}")
-        return {**result, "interrupted": step}
+        saved = f"The best checkpoint is {out}" if r.best["step"] >= 0 else "No evaluation has finished yet"
+        r.log(f"interrupted at step {r.step}. {saved}; continue with: python train.py --resume --out {out}")
+        return {**result, "interrupted": r.step}
+    tokens_per_s = r.tokens_per_s()
+    r.log(f"trained to step {r.step} in {r.record['train_time_s']:.1f} s ({tokens_per_s:,.0f} tokens/s)")
+    if r.backup:
+        r.log(f"the checkpoint that was at {out} before is kept as {os.path.relpath(r.backup)}")
 
-    elapsed = time.perf_counter() - t_start
-    log(f"trained to step {step} in {run['train_time_s']:.1f} s "
-        f"({(step - step_start) * tokens_per_step / elapsed:,.0f} tokens/s)")
-    if backup:
-        log(f"the checkpoint that was at {os.path.relpath(out_path)} before is kept as "
-            f"{os.path.relpath(backup)}")
-
-    # Score the best checkpoint on the whole validation split, and store the run's figures in it.
-    best_model, _, _ = load_model(out_path, device)
-    full_val, n_scored = eval_loss(best_model, val_data, config.block_size, device=device, dtype=dtype,
-                                   max_chars=None if full_eval else FULL_EVAL_CHARS)
-    run.update(full_val_loss=round(full_val, 5), val_chars_scored=n_scored, best_step=best["step"],
-               tokens_per_s=round((step - step_start) * tokens_per_step / elapsed))
-    checkpoint = load_checkpoint(out_path)
-    checkpoint.update(history=history, run=run)
-    atomic_save(checkpoint, out_path)
-    kind = scored_kind(n_scored, val_data)
-    log(f"best val estimate {best['val']:.4f} at step {best['step']}; {kind} validation loss "
-        f"{full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char) over {n_scored:,} characters"
-        + (f" (an even sample of {len(val_data) - 1:,}; --full_eval scores all)" if kind == "sampled" else ""))
-    picture = os.path.splitext(out_path)[0] + ".png"
+    # Score the best checkpoint on the validation split, and store the run's figures in it.
+    best_model, _, _ = load_model(r.out_path, r.device)
+    full_val, n_scored = eval_loss(best_model, r.val_data, r.config.block_size, device=r.device,
+                                   dtype=r.dtype, max_chars=None if full_eval else FULL_EVAL_CHARS)
+    r.record.update(full_val_loss=round(full_val, 5), val_chars_scored=n_scored, best_step=r.best["step"],
+                    tokens_per_s=round(tokens_per_s))
+    checkpoint = load_checkpoint(r.out_path)
+    checkpoint.update(history=r.history, run=r.record)
+    atomic_save(checkpoint, r.out_path)
+    kind = scored_kind(n_scored, r.val_data)
+    r.log(f"best val estimate {r.best['val']:.4f} at step {r.best['step']}; {kind} validation loss "
+          f"{full_val:.4f} nats/char ({full_val / math.log(2):.4f} bits/char) over {n_scored:,} characters"
+          + (f" (an even sample of {len(r.val_data) - 1:,}; --full_eval scores all)" if kind == "sampled" else ""))
+    picture = os.path.splitext(r.out_path)[0] + ".png"
     try:
-        plot_history(history, picture, title=f"{config.model}: {os.path.basename(out_path)}")
-        log(f"loss curve: {os.path.relpath(picture)}")
+        plot_history(r.history, picture, title=f"{r.config.model}: {os.path.basename(r.out_path)}")
+        r.log(f"loss curve: {os.path.relpath(picture)}")
     except SmollError as e:
-        log(f"no loss curve: {e}")
+        r.log(f"no loss curve: {e}")
     if sample_chars:
-        prompt = torch.tensor([[int(ids[0])]], device=device)  # the text's first character
+        prompt = torch.tensor([[int(r.text_ids[0])]], device=r.device)  # the text's first character
         ids = best_model.generate(prompt, sample_chars)[0].tolist()
-        log("sample:\n" + tokenizer.decode(ids))
+        r.log("sample:\n" + r.tokenizer.decode(ids))
     return {**result, "full_val": full_val}
 
 
@@ -405,6 +585,15 @@ def check_finite(value, step, out_path, config):
         raise SmollError(f"the loss became {value} at step {step}: training diverged. The last good "
                          f"checkpoint {os.path.relpath(out_path)} is untouched; try a lower "
                          f"--learning_rate than {config.learning_rate} or a longer --warmup_iters.")
+
+
+def check_loss(value, r):
+    """check_finite for the training loss. In float16 a step can overflow while the GradScaler
+    looks for its scale: the scaler skips that step and halves the scale, and training goes on.
+    Only overflow at every scale (the scale driven below 1) is divergence."""
+    if not math.isfinite(value) and r.scaler.is_enabled() and r.scaler.get_scale() >= 1.0:
+        return
+    check_finite(value, r.step, r.out_path, r.config)
 
 
 def stop_requested(stop, step, world_size, device):
@@ -539,6 +728,10 @@ def main(argv=None):
     except SmollError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("\nstopped by Ctrl-C. Files on disk are whole (every write is atomic); "
+              "a run that saved its state goes on with --resume.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import math
 import mmap
 import os
 import platform
+import re
+import shutil
 import subprocess
 import tempfile
 from dataclasses import asdict
@@ -38,20 +40,90 @@ class SmollError(Exception):
 
 
 def get_device(name="auto"):
-    """Resolve "auto" to cuda, then mps, then cpu; refuse a device this machine does not have."""
+    """Resolve "auto" to cuda, then mps, then cpu; refuse a device this PyTorch cannot run on,
+    with a sentence that names the fix (see cuda_problem)."""
+    cuda_wanted = name == "auto" or name.startswith("cuda")
+    if cuda_wanted and not torch.cuda.is_available():
+        problem = cuda_problem(torch.version.cuda, nvidia_driver_version(), nvidia_gpu_present())
+        if problem:
+            raise SmollError(problem + (" Or pass --device cpu to run on the CPU." if name == "auto" else ""))
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SmollError(f"--device {name} was asked for, but this machine has no CUDA GPU "
-                         f"(or this PyTorch was built without CUDA): use --device cpu or --device auto.")
+        else:
+            return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SmollError(f"--device {name} was asked for, but this machine has no CUDA GPU "
+                             f"(or this PyTorch was built without CUDA): use --device cpu or --device auto.")
+        device = torch.device(name)
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise SmollError(f"--device {name} was asked for, but this machine has "
+                             f"{torch.cuda.device_count()} GPU(s): use cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}.")
+        if torch.version.hip is None:  # ROCm names its GPU code differently
+            problem = kernel_problem(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
+                                     torch.cuda.get_device_name(device))
+            if problem:
+                raise SmollError(problem)
+        return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise SmollError("--device mps was asked for, but MPS is not available here: "
                          "use --device cpu or --device auto.")
     return torch.device(name)
+
+
+# The oldest NVIDIA driver each CUDA major version runs on (CUDA's minor-version compatibility).
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+OLD_GPU_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+
+
+def cuda_problem(cuda_build, driver_version, gpu_present):
+    """Why CUDA is unavailable although it may be wanted, as one sentence naming the fix; None when
+    there is no NVIDIA GPU to use (or nothing smoll can say). Plain inputs, so tests can simulate
+    any machine: cuda_build is torch.version.cuda ("13.0", or None for a CPU-only PyTorch),
+    driver_version the NVIDIA driver's major version (or None)."""
+    if not gpu_present:
+        return None
+    if cuda_build is None:
+        return ("this machine has an NVIDIA GPU, but this PyTorch is a CPU-only build: install the "
+                "CUDA build with `pip install -r cuda13_requirements.txt` (see the README's Install).")
+    need = MIN_DRIVER.get(int(cuda_build.split(".")[0]))
+    if driver_version is not None and need is not None and driver_version < need:
+        return (f"this PyTorch is built for CUDA {cuda_build}, which needs NVIDIA driver {need} or "
+                f"newer, but this machine has driver {driver_version}: update the driver, or install "
+                f"the CUDA 12.6 build that older drivers run (`{OLD_GPU_INSTALL}`).")
+    return None
+
+
+def kernel_problem(capability, arch_list, name):
+    """None if this PyTorch has GPU code for a device of this compute capability, else the fix.
+
+    A kernel built for sm_XY runs on the same major version from minor Y up; PTX (compute_XY)
+    is compiled at load time for any device from XY up."""
+    cc = 10 * capability[0] + capability[1]
+    for arch in arch_list:
+        kind, _, version = arch.partition("_")
+        code = int(version.rstrip("af"))
+        if (kind == "sm" and code // 10 == capability[0] and code <= cc) or (kind == "compute" and code <= cc):
+            return None
+    return (f"the {name} (compute capability {capability[0]}.{capability[1]}) cannot run this PyTorch "
+            f"build, which has no GPU code for it (\"no kernel image\"): install the CUDA 12.6 build, "
+            f"which supports it: `{OLD_GPU_INSTALL}`.")
+
+
+def nvidia_driver_version():
+    """The NVIDIA kernel driver's major version on Linux (580 for 580.65.06), or None."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+            return int(re.search(r"\s(\d{3,})\.\d+", f.readline()).group(1))
+    return None
+
+
+def nvidia_gpu_present():
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
 
 
 def describe_device(device):
@@ -78,19 +150,42 @@ def cpu_has_fast_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(device_type, capability=None, cpu_bf16=False):
+    """The fastest precision a device runs natively, which is what --dtype auto means.
+
+    CUDA: bfloat16 from compute capability 8.0 on (A100, RTX 30xx and later, H100). Older cards
+    (T4, V100, RTX 20xx) only emulate bfloat16, but their tensor cores run float16 many times
+    faster than float32: float16 there, with a gradient scaler in training. CPUs: bfloat16 with
+    AVX512-BF16 or AMX instructions, float32 otherwise. Apple's MPS: float32.
+    """
+    if device_type == "cuda":
+        return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+    if device_type == "cpu" and cpu_bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
 def resolve_dtype(name, device):
-    """Pick the autocast dtype: "auto" is bfloat16 on bf16-capable GPUs and CPUs, else float32."""
-    if name == "auto":
-        if device.type == "cuda":
-            fast = torch.cuda.is_bf16_supported()
-        else:
-            fast = device.type == "cpu" and cpu_has_fast_bf16()
-        return torch.bfloat16 if fast else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """--dtype: float32, bfloat16, float16, or auto (pick_dtype for this device)."""
+    if name != "auto":
+        return DTYPES[name]
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return pick_dtype(device.type, capability, device.type == "cpu" and cpu_has_fast_bf16())
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so that a timing measures the work and not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def autocast(device, dtype):
-    """Mixed precision for the forward pass: matmuls in bf16, weights and optimizer in fp32."""
+    """Mixed precision for the forward pass: matmuls in bf16 or fp16, weights and optimizer in fp32."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -450,6 +545,18 @@ def atomic_save(obj, path):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def to_cpu(obj):
+    """A copy of a nested dict/list structure with every tensor moved to the CPU, so that a
+    checkpoint from a GPU loads with weights_only=True on a machine without one."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(path, model, config, tokenizer, step, val_loss, half=True, **extra):
