@@ -122,7 +122,8 @@ def test_torchrun_with_two_gloo_processes_trains_and_saves_one_checkpoint(tmp_pa
     out = tmp_path / "ddp.pth"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(ROOT, "train.py"), "--data", tiny_text, "--out", str(out), *TINY_FLAGS],
+         os.path.join(ROOT, "train.py"), "--data", tiny_text, "--out", str(out), *TINY_FLAGS,
+         "--grad_accum", "2"],  # DDP syncs the gradients after the second micro-batch only
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-12000:]
     assert result.stdout.count("full validation loss") == 1  # only rank 0 reports
