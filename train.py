@@ -365,7 +365,10 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
     # Under torchrun, DDP averages the gradients of all ranks during backward().
     # Its buffers are the constant rotary tables: equal on every rank, so no syncing at each step.
     if world_size > 1:
-        r.train_model = DistributedDataParallel(model, forward_sync_buffers=False)
+        try:
+            r.train_model = DistributedDataParallel(model, forward_sync_buffers=False)
+        except TypeError:  # PyTorch before 2.13 names the same setting broadcast_buffers
+            r.train_model = DistributedDataParallel(model, broadcast_buffers=False)
     r.compiled = config.compile == "on" or (config.compile == "auto" and device.type == "cuda")
     if r.compiled:
         # Fuses the step's small kernels. Checkpoints save `model`, the uncompiled module, so their
