@@ -463,7 +463,7 @@ def announce_estimate(r, step_seconds, eval_seconds):
     evals_left = steps_left // c.eval_interval + 1
     total = steps_left * step_seconds + evals_left * eval_seconds
     r.log(f"estimated time here: {format_seconds(total)} ({steps_left:,} steps of {step_seconds:.2g} s "
-          f"and {evals_left} evaluations of {format_seconds(eval_seconds)})")
+          f"and {evals_left} evaluation{'s' if evals_left > 1 else ''} of {format_seconds(eval_seconds)})")
     if r.device.type == "cpu" and total > 600:
         r.log("no GPU here: `python train.py --preset cpu` trains the best TinyGPT this CPU makes in 5 "
               "minutes (`--time_budget SECONDS` sets another budget)")
