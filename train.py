@@ -285,6 +285,8 @@ class Run:
 
 
 def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval):
+    """The training loop: set up, warm up, then step, evaluating and saving every eval_interval
+    steps, until the last step, the end of the time budget or a Ctrl-C."""
     r = setup_run(config, data_path, out_path, state, rank, world_size, device)
     compile_seconds, step_seconds, eval_seconds = warm_up(r)
     if compile_seconds:
@@ -324,8 +326,9 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
             r.step += 1
             bar.update(min(r.elapsed(), budget) - bar.n if budget else 1)
             if r.step % 10 == 0 or r.step == config.max_iters:  # .item() waits for the GPU: not every step
-                check_loss(loss.item(), r)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", tok_s=f"{r.tokens_per_s():,.0f}")
+                loss_value = loss.item()
+                check_loss(loss_value, r)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{r.tokens_per_s():,.0f}")
     bar.close()
     return finish_run(r, interrupted, sample_chars, full_eval)
 

@@ -23,8 +23,9 @@ TINY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, dropout
 TINY_FLAGS = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
 
 
-def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_text, monkeypatch):
-    config = make_config(**TINY)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 also resumes its gradient scaler
+def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_text, monkeypatch, dtype):
+    config = make_config(**{**TINY, "dtype": dtype})
     straight = tmp_path / "straight.pth"
     train(config, tiny_text, str(straight), sample_chars=0)
 
@@ -36,12 +37,12 @@ def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_tex
     assert train(config, tiny_text, str(resumed), sample_chars=0)["interrupted"] == 13
     assert torch.load(last_path(str(resumed)), weights_only=True)["step"] == 13
     monkeypatch.setattr(train_script, "stop_requested", real_stop)
-    result = train(make_config(device="cpu", dtype="float32"), tiny_text, str(resumed), sample_chars=0,
+    result = train(make_config(device="cpu", dtype=dtype), tiny_text, str(resumed), sample_chars=0,
                    resume=True)
 
     a = torch.load(last_path(str(straight)), weights_only=True)
     b = torch.load(last_path(str(resumed)), weights_only=True)
-    assert a["step"] == b["step"] == 30
+    assert a["step"] == b["step"] == 30 and a["scaler"] == b["scaler"]
     for key in a["model_state"]:
         torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=1e-6)
     for key, moments in a["optimizer"]["state"].items():
