@@ -42,12 +42,12 @@ class SmollError(Exception):
 def get_device(name="auto"):
     """Resolve "auto" to cuda, then mps, then cpu; refuse a device this PyTorch cannot run on,
     with a sentence that names the fix (see cuda_problem)."""
-    cuda_wanted = name == "auto" or name.startswith("cuda")
-    if cuda_wanted and not torch.cuda.is_available():
+    auto = name == "auto"
+    if (auto or name.startswith("cuda")) and not torch.cuda.is_available():
         problem = cuda_problem(torch.version.cuda, nvidia_driver_version(), nvidia_gpu_present())
         if problem:
-            raise SmollError(problem + (" Or pass --device cpu to run on the CPU." if name == "auto" else ""))
-    if name == "auto":
+            raise SmollError(problem + (" Or pass --device cpu to run on the CPU." if auto else ""))
+    if auto:
         if torch.cuda.is_available():
             name = "cuda"
         elif torch.backends.mps.is_available():
@@ -67,7 +67,7 @@ def get_device(name="auto"):
             problem = kernel_problem(torch.cuda.get_device_capability(device), torch.cuda.get_arch_list(),
                                      torch.cuda.get_device_name(device))
             if problem:
-                raise SmollError(problem)
+                raise SmollError(problem + (" Or pass --device cpu to run on the CPU." if auto else ""))
         return device
     if name == "mps" and not torch.backends.mps.is_available():
         raise SmollError("--device mps was asked for, but MPS is not available here: "
