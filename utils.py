@@ -114,10 +114,10 @@ def kernel_problem(capability, arch_list, name):
             f"which supports it: `{OLD_GPU_INSTALL}`.")
 
 
-def nvidia_driver_version():
+def nvidia_driver_version(path="/proc/driver/nvidia/version"):
     """The NVIDIA kernel driver's major version on Linux (580 for 580.65.06), or None."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        with open("/proc/driver/nvidia/version", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             return int(re.search(r"\s(\d{3,})\.\d+", f.readline()).group(1))
     return None
 

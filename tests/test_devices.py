@@ -97,6 +97,17 @@ def test_an_unusable_nvidia_gpu_stops_the_run_instead_of_training_on_the_cpu(mon
     assert cuda_problem("12.6", 535, True) is None  # CUDA 12 runs on driver 525 and later
 
 
+def test_the_nvidia_driver_version_is_read_from_the_kernel_module_line(tmp_path):
+    closed = tmp_path / "closed"
+    closed.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+                      "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    opened = tmp_path / "open"
+    opened.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n")
+    assert utils.nvidia_driver_version(str(closed)) == 535
+    assert utils.nvidia_driver_version(str(opened)) == 580
+    assert utils.nvidia_driver_version(str(tmp_path / "none")) is None
+
+
 def test_mps_rng_state_is_saved_and_restored(monkeypatch):
     state = torch.arange(8, dtype=torch.uint8)
     restored = []
