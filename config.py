@@ -16,6 +16,7 @@ MODELS = ("tinygpt", "bigram")
 class Config:
     # --- what to train ---
     model: str = "tinygpt"  # "tinygpt" (the transformer) or "bigram" (the baseline)
+    min_char_count: int = 1  # characters seen fewer times in the text become one symbol, "�" (1: none)
     # --- model size ---
     block_size: int = 256  # context length: how many characters the model sees at once
     n_embd: int = 384  # width of the residual stream (embedding dimension)
@@ -44,8 +45,8 @@ class Config:
         """Raise ValueError with a sentence that names the fix for the first bad value."""
         if self.model not in MODELS:
             raise ValueError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}.")
-        for name in ("block_size", "n_embd", "n_head", "n_layer", "batch_size", "grad_accum", "max_iters",
-                     "eval_interval", "eval_iters"):
+        for name in ("block_size", "n_embd", "n_head", "n_layer", "min_char_count", "batch_size", "grad_accum",
+                     "max_iters", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         if self.n_embd % self.n_head != 0:

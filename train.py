@@ -225,16 +225,16 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
             dist.destroy_process_group()
 
 
-def load_data(data_path, rank, world_size):
+def load_data(data_path, config, rank, world_size):
     """load_tokens for every rank: under torchrun, each machine's first process encodes the text
     while the others wait, then they all read its token file."""
     if world_size == 1:
-        return load_tokens(data_path)
+        return load_tokens(data_path, min_count=config.min_char_count)
     first = int(os.environ.get("LOCAL_RANK", "0")) == 0
     if not first:
         dist.barrier()
     try:
-        return load_tokens(data_path, progress=rank == 0)
+        return load_tokens(data_path, progress=rank == 0, min_count=config.min_char_count)
     finally:
         if first:
             dist.barrier()
@@ -339,7 +339,7 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for anything left in fp32
         torch.backends.cudnn.allow_tf32 = True
-    ids, tokenizer = load_data(data_path, rank, world_size)  # memory-mapped: batches are read from disk
+    ids, tokenizer = load_data(data_path, config, rank, world_size)  # memory-mapped: batches are read from disk
     if state is not None and tokenizer.chars != state["vocab"]:
         raise SmollError(f"'{data_path}' is not the text this run was trained on (its characters "
                          f"differ): resume with the same --data.")
@@ -654,15 +654,16 @@ def eval_only(weights, data_path, device_name, full_eval=False):
 
 
 def to_model_ids(ids, text_tokenizer, model_tokenizer, data_path):
-    """ids of a text, renumbered into a model's vocabulary (which may hold more characters)."""
+    """ids of a text, renumbered into a model's vocabulary (which may hold more characters, or
+    an unknown symbol that stands for the characters it lacks)."""
     if text_tokenizer.chars == model_tokenizer.chars:
         return ids
     unknown = [ch for ch in text_tokenizer.chars if ch not in model_tokenizer.stoi]
-    if unknown:
+    if unknown and model_tokenizer.unknown is None:
         shown = " ".join(repr(ch) for ch in unknown[:10])
         raise SmollError(f"'{data_path}' has {len(unknown)} character(s) this model never saw in "
                          f"training ({shown}): score it on the text it was trained on.")
-    renumber = np.array([model_tokenizer.stoi[ch] for ch in text_tokenizer.chars], dtype=np.int64)
+    renumber = np.array(model_tokenizer.encode(text_tokenizer.chars), dtype=np.int64)
     return renumber[ids]
 
 

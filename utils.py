@@ -210,12 +210,20 @@ def read_text(path, flag="--data"):
     return text
 
 
-class CharTokenizer:
-    """Maps each character of the vocabulary to its index in the sorted list of characters."""
+UNKNOWN = "\ufffd"  # the symbol rare characters become with --min_char_count: "�"
 
-    def __init__(self, chars):
+
+class CharTokenizer:
+    """Maps each character of the vocabulary to its index in the sorted list of characters.
+
+    With unknown set (a character of the vocabulary), characters outside the vocabulary encode
+    as that one instead of being refused.
+    """
+
+    def __init__(self, chars, unknown=None):
         self.chars = list(chars)
         self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.unknown = unknown
 
     @classmethod
     def from_text(cls, text):
@@ -226,6 +234,8 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, s, what="the text"):
+        if self.unknown is not None:
+            return [self.stoi.get(ch, self.stoi[self.unknown]) for ch in s]
         unknown = sorted(set(s) - self.stoi.keys())
         if unknown:
             shown = " ".join(repr(ch) for ch in unknown[:10])
@@ -260,33 +270,45 @@ def cache_dirs(text_path):
             os.path.join(home, "smoll")]
 
 
-def load_tokens(path, flag="--data", progress=True):
+def load_tokens(path, flag="--data", progress=True, min_count=1):
     """The character ids of the UTF-8 text at path, memory-mapped, and its tokenizer.
 
     Returns (ids, tokenizer): ids is a read-only 1-D numpy array, with ids[i] the id of the i-th
-    character; the vocabulary is every character of the text, sorted. The text is encoded the
-    first time and cached (see above); later calls only hash it to find its token file.
+    character; the vocabulary is every character of the text, sorted. With min_count > 1, the
+    characters that occur fewer times all become UNKNOWN. The text is encoded the first time and
+    cached (see above); later calls only hash it to find its token file.
     """
     if not os.path.isfile(path):
         raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
     if os.path.getsize(path) == 0:
         raise SmollError(f"'{path}' is empty: give {flag} a file with some text in it.")
     digest = file_sha256(path)
-    for folder in cache_dirs(path):
-        meta_path = os.path.join(folder, f"{os.path.basename(path)}.{digest[:16]}.json")
-        if os.path.isfile(meta_path):
-            return _open_token_file(meta_path)
+    name = f"{os.path.basename(path)}.{digest[:16]}"  # the whole vocabulary's token file
+    merged = name + f".min{min_count}" if min_count > 1 else None  # the rare characters merged
+    if cached := find_cached(path, merged or name):
+        return _open_token_file(cached)
     errors = []
     for folder in cache_dirs(path):  # the first folder that can be written to
         try:
             os.makedirs(folder, exist_ok=True)
-            return _open_token_file(encode_to_token_file(path, folder, digest, progress))
+            meta_path = find_cached(path, name) or encode_to_token_file(path, folder, digest, progress)
+            if merged:
+                meta_path = merge_rare_characters(meta_path, min_count, os.path.join(folder, merged))
+            return _open_token_file(meta_path)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             errors.append(f"{folder} ({e.strerror})")  # a read-only data folder: try the next one
     raise SmollError(f"no folder to cache the encoded text of '{path}' in could be written: "
                      f"{'; '.join(errors)}. Set SMOLL_CACHE to a writable folder.")
+
+
+def find_cached(text_path, name):
+    """The path of the cached NAME.json of a text, or None."""
+    for folder in cache_dirs(text_path):
+        if os.path.isfile(os.path.join(folder, name + ".json")):
+            return os.path.join(folder, name + ".json")
+    return None
 
 
 def file_sha256(path):
@@ -302,16 +324,46 @@ def _open_token_file(meta_path):
         meta = json.load(f)
     ids = np.memmap(meta_path[:-len(".json")] + ".bin", dtype=meta["dtype"], mode="r",
                     shape=(meta["n_ids"],))
-    return ids, CharTokenizer(meta["vocab"])
+    return ids, CharTokenizer(meta["vocab"], UNKNOWN if meta.get("min_count", 1) > 1 else None)
+
+
+def _write_token_file(stem, meta, pieces):
+    """Write the id arrays of pieces to stem.bin and meta to stem.json, through temp files renamed
+    into place at the end, so that a failure never leaves a half-written cache behind."""
+    folder = os.path.dirname(stem)
+    temps = []
+    try:
+        fd, tmp_bin = temp_file(folder, ".bin")
+        temps.append(tmp_bin)
+        with os.fdopen(fd, "wb") as f:
+            for ids in pieces:
+                f.write(ids.tobytes())
+        fd, tmp_meta = temp_file(folder, ".json")
+        temps.append(tmp_meta)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        os.replace(tmp_bin, stem + ".bin")
+        os.replace(tmp_meta, stem + ".json")  # last: a .json file means its .bin is complete
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise SmollError(f"the disk is full: '{folder}' has no room for the encoded text of "
+                             f"'{meta['source']}'. Free some space, or set SMOLL_CACHE to a folder on "
+                             f"a disk with room.") from None
+        raise
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    _remove_stale_caches(folder, meta["source"], meta["sha256"])
+    return stem + ".json"
 
 
 def encode_to_token_file(path, folder, digest, progress=True):
     """Encode the text at path into folder/NAME.HASH.bin and its description NAME.HASH.json.
 
     Two passes over the text, CHUNK_BYTES at a time: the first counts the characters (the
-    vocabulary), the second maps them to ids and writes them. Both go through temp files that are
-    renamed into place at the end, so a failure never leaves a half-written cache behind.
-    Returns the path of the .json file.
+    vocabulary), the second maps them to ids and writes them (see _write_token_file). Returns the
+    path of the .json file.
     """
     stem = os.path.join(folder, f"{os.path.basename(path)}.{digest[:16]}")
     size = os.path.getsize(path)
@@ -325,37 +377,44 @@ def encode_to_token_file(path, folder, digest, progress=True):
     to_id = np.zeros(len(counts), dtype=dtype)
     to_id[vocab_codes] = np.arange(len(vocab_codes))  # code point -> id, in sorted order
     meta = {"source": os.path.abspath(path), "sha256": digest, "n_ids": int(counts.sum()),
-            "dtype": np.dtype(dtype).name, "vocab": [chr(c) for c in vocab_codes]}
-    temps = []
-    try:
-        fd, tmp_bin = temp_file(folder, ".bin")
-        temps.append(tmp_bin)
-        second = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f:
-            for codes in _code_points(path, bar, second):
-                f.write(to_id[codes].tobytes())
-        if second.hexdigest() != digest:
+            "dtype": np.dtype(dtype).name, "vocab": [chr(c) for c in vocab_codes],
+            "counts": counts[vocab_codes].tolist()}
+    second = hashlib.sha256()
+
+    def pieces():
+        yield from (to_id[codes] for codes in _code_points(path, bar, second))
+        if second.hexdigest() != digest:  # checked before the files are renamed into place
             raise SmollError(f"'{path}' changed while it was being encoded: run again once "
                              f"nothing is writing to it.")
-        fd, tmp_meta = temp_file(folder, ".json")
-        temps.append(tmp_meta)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(tmp_bin, stem + ".bin")
-        os.replace(tmp_meta, stem + ".json")  # last: a .json file means its .bin is complete
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise SmollError(f"the disk is full: '{folder}' has no room for the {size / 2**20:,.0f} "
-                             f"MB of encoded text. Free some space, or set SMOLL_CACHE to a folder "
-                             f"on a disk with room.") from None
-        raise
+
+    try:
+        return _write_token_file(stem, meta, pieces())
     finally:
         bar.close()
-        for tmp in temps:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-    _remove_stale_caches(folder, meta["source"], stem + ".json")
-    return stem + ".json"
+
+
+def merge_rare_characters(meta_path, min_count, stem):
+    """Write stem.bin, the token file of meta_path with the characters seen fewer than min_count
+    times all turned into UNKNOWN (--min_char_count), and stem.json. Returns the .json's path."""
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    keep = [ch for ch, n in zip(meta["vocab"], meta["counts"]) if n >= min_count]
+    vocab = sorted(set(keep) | {UNKNOWN})
+    new_id = {ch: i for i, ch in enumerate(vocab)}
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if len(vocab) <= np.iinfo(t).max + 1)
+    to_new = np.array([new_id[ch if n >= min_count else UNKNOWN] for ch, n in zip(meta["vocab"], meta["counts"])],
+                      dtype=dtype)  # old id -> new id
+    counts = np.zeros(len(vocab), dtype=np.int64)
+    np.add.at(counts, to_new.astype(np.int64), meta["counts"])
+
+    def pieces():  # read with plain file reads, not the memory map, so memory stays flat
+        with open(meta_path[:-len(".json")] + ".bin", "rb") as f:
+            while len(old := np.fromfile(f, dtype=meta["dtype"], count=CHUNK_BYTES)):
+                yield to_new[old]
+
+    merged = {**meta, "dtype": np.dtype(dtype).name, "vocab": vocab, "counts": counts.tolist(),
+              "min_count": min_count}
+    return _write_token_file(stem, merged, pieces())
 
 
 def _code_points(path, bar, digest=None):
@@ -409,18 +468,18 @@ def _decode(data, path, offset):
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
-def _remove_stale_caches(folder, source, keep):
+def _remove_stale_caches(folder, source, sha256):
     """Delete the token files of earlier versions of the same text, so edits do not pile up."""
     for name in os.listdir(folder):
-        other = os.path.join(folder, name)
-        if not name.endswith(".json") or name.startswith(".tmp-") or other == keep:
+        meta_path = os.path.join(folder, name)
+        if not name.endswith(".json") or name.startswith(".tmp-"):
             continue
         with contextlib.suppress(OSError, ValueError, KeyError):
-            with open(other, encoding="utf-8") as f:
-                if json.load(f)["source"] != source:
-                    continue
-            os.remove(other[:-len(".json")] + ".bin")
-            os.remove(other)
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            if meta["source"] == source and meta["sha256"] != sha256:
+                os.remove(meta_path[:-len(".json")] + ".bin")
+                os.remove(meta_path)
 
 
 def split_data(data, block_size):
@@ -596,7 +655,7 @@ def load_model(path, device="cpu", flag="--weights"):
     """
     checkpoint = load_checkpoint(path, flag)
     config = config_from_dict(checkpoint["config"])
-    tokenizer = CharTokenizer(checkpoint["vocab"])
+    tokenizer = CharTokenizer(checkpoint["vocab"], UNKNOWN if config.min_char_count > 1 else None)
     try:
         model = build_model(config, tokenizer.vocab_size)
         model.load_state_dict(checkpoint["model_state"])  # copies cast float16 back to float32

@@ -12,7 +12,7 @@ import utils
 from config import make_config
 from conftest import SHAKESPEARE
 from train import to_model_ids, train
-from utils import CharTokenizer, SmollError, eval_loss, eval_windows, load_tokens
+from utils import UNKNOWN, CharTokenizer, SmollError, eval_loss, eval_windows, load_tokens
 
 # 1-, 2-, 3- and 4-byte UTF-8 characters, so that small reads split them every possible way
 MIXED = "To be, or not to be: café, naïve, Ελληνικά, 日本語の文章, emoji 🎭🐍!\n" * 40
@@ -97,6 +97,30 @@ def test_large_vocabularies_get_wide_ids_and_train_and_play(tmp_path, n_chars, d
     play.main(["--weights", out, "--prompt", chars[-1] + chars[0], "--length", "5", "--seed", "0"])
     printed = capsys.readouterr().out.splitlines()[-1]
     assert printed.startswith(chars[-1] + chars[0]) and len(printed) == 7
+
+
+def test_rare_characters_become_one_unknown_symbol(tmp_path, own_cache):
+    text = "abba cab\n" * 300 + "é" + "üü" + "abc\n" * 20  # é once, ü twice
+    path = write(tmp_path, text)
+    ids, tokenizer = load_tokens(path, min_count=3)
+    assert tokenizer.chars == sorted(set("abc \n") | {UNKNOWN}) and tokenizer.unknown == UNKNOWN
+    assert tokenizer.decode(ids.tolist()) == text.replace("é", UNKNOWN).replace("ü", UNKNOWN)
+    _, whole = load_tokens(path)  # the whole vocabulary's token file stays cached beside it
+    assert {"é", "ü"} <= set(whole.chars) and whole.unknown is None
+    assert len([n for n in os.listdir(own_cache) if n.endswith(".json")]) == 2
+
+
+def test_a_model_with_an_unknown_symbol_trains_and_plays_characters_it_never_saw(tmp_path, tiny_config,
+                                                                                 tiny_text, capsys):
+    config = make_config(**{**vars(tiny_config), "min_char_count": 50, "max_iters": 2})
+    out = str(tmp_path / "unk.pth")
+    train(config, tiny_text, out, sample_chars=0)
+    model, tokenizer, _ = utils.load_model(out)
+    # In the first 20,000 characters J occurs twice and e thousands of times; ß never.
+    assert UNKNOWN in tokenizer.chars and "J" not in tokenizer.chars and "e" in tokenizer.chars
+    capsys.readouterr()
+    play.main(["--weights", out, "--prompt", "Jeß", "--length", "5", "--seed", "0"])
+    assert capsys.readouterr().out.startswith("Jeß")  # the prompt is echoed as typed
 
 
 def test_the_evenly_spread_evaluation_sample_is_the_same_in_every_run():
