@@ -358,6 +358,11 @@ def _write_token_file(stem, meta, pieces):
     return stem + ".json"
 
 
+def id_dtype(vocab_size):
+    """The smallest unsigned integer type that holds every id of a vocabulary."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if vocab_size <= np.iinfo(t).max + 1)
+
+
 def encode_to_token_file(path, folder, digest, progress=True):
     """Encode the text at path into folder/NAME.HASH.bin and its description NAME.HASH.json.
 
@@ -373,7 +378,7 @@ def encode_to_token_file(path, folder, digest, progress=True):
     for codes in _code_points(path, bar):
         counts[:codes.max() + 1] += np.bincount(codes)
     vocab_codes = np.flatnonzero(counts)
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if len(vocab_codes) <= np.iinfo(t).max + 1)
+    dtype = id_dtype(len(vocab_codes))
     to_id = np.zeros(len(counts), dtype=dtype)
     to_id[vocab_codes] = np.arange(len(vocab_codes))  # code point -> id, in sorted order
     meta = {"source": os.path.abspath(path), "sha256": digest, "n_ids": int(counts.sum()),
@@ -401,7 +406,7 @@ def merge_rare_characters(meta_path, min_count, stem):
     keep = [ch for ch, n in zip(meta["vocab"], meta["counts"]) if n >= min_count]
     vocab = sorted(set(keep) | {UNKNOWN})
     new_id = {ch: i for i, ch in enumerate(vocab)}
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32) if len(vocab) <= np.iinfo(t).max + 1)
+    dtype = id_dtype(len(vocab))
     to_new = np.array([new_id[ch if n >= min_count else UNKNOWN] for ch, n in zip(meta["vocab"], meta["counts"])],
                       dtype=dtype)  # old id -> new id
     counts = np.zeros(len(vocab), dtype=np.int64)
