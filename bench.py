@@ -14,15 +14,16 @@ steady state past the end of the context window. The weights are random: speed d
 import argparse
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model, pack_for_cpu_sampling
-from train import make_optimizer
+from train import make_optimizer, to_model_ids
 from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
-                   read_text, resolve_dtype, split_data, synchronize)
+                   load_tokens, resolve_dtype, split_data, synchronize)
 
 VOCAB = 65  # Tiny Shakespeare's
 
@@ -158,12 +159,13 @@ def window_quality(weights, data_path, n_texts=16, device="cpu", dtype=torch.flo
     model.to(dtype)
     pack_for_cpu_sampling(model)
     W = config.block_size
-    data = torch.tensor(tokenizer.encode(read_text(data_path)), dtype=torch.long)
-    _, val = split_data(data, W)
+    ids, text_tokenizer = load_tokens(data_path)
+    _, val = split_data(to_model_ids(ids, text_tokenizer, tokenizer, data_path), W)
     starts = torch.randint(len(val) - 4 * W - 1, (n_texts,), generator=torch.Generator().manual_seed(0))
     sliding, rerun = [], []
     for s in starts.tolist():
-        x, y = val[s:s + 4 * W].to(device), val[s + 1:s + 4 * W + 1].to(device)
+        text = torch.from_numpy(val[s:s + 4 * W + 1].astype(np.int64)).to(device)  # (4W+1,)
+        x, y = text[:-1], text[1:]
         logits, _ = model(x[None])  # (1, 4W, V): every position sees the W ending at itself
         sliding.append(F.cross_entropy(logits[0, W:].float(), y[W:], reduction="none"))
         windows = torch.stack([x[t - W + 1:t + 1] for t in range(W, 4 * W)])  # (3W, W)
