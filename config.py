@@ -7,6 +7,7 @@ The value a run uses is settled in this order, later winning:
     4. `--<field> VALUE` flags on the command line.
 """
 
+import argparse
 from dataclasses import dataclass, fields
 
 MODELS = ("tinygpt", "bigram")
@@ -22,15 +23,23 @@ class Config:
     n_embd: int = 384  # width of the residual stream (embedding dimension)
     n_head: int = 6  # attention heads per layer; n_embd must divide evenly among them
     n_layer: int = 6  # number of transformer blocks
-    dropout: float = 0.2  # dropout probability during training (0 turns it off)
+    dropout: float = 0.2  # dropout on the embeddings and each block's output while training (0: off)
+    activation: str = "gelu"  # the MLP's nonlinearity: "gelu", or "relu2" (ReLU squared)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention
+    zero_init: bool = False  # start each block's output projections at zero
+    logit_cap: float = 0.0  # squash the logits smoothly into (-cap, cap) with tanh (0: off)
     # --- optimisation ---
     batch_size: int = 64  # sequences per optimizer step
     grad_accum: int = 1  # run each batch as this many micro-batches: same update, less memory
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     learning_rate: float = 3e-4  # peak learning rate of AdamW
+    muon_lr: float = 0.02  # peak learning rate of Muon, with --optimizer muon
     max_iters: int = 5000  # optimizer steps (older versions called these "epochs")
     time_budget: float = 0.0  # seconds: train for this long instead of max_iters (0 = off)
     warmup_iters: int = 100  # steps of linear warmup from 0 to the peak learning rate
-    min_lr_ratio: float = 0.1  # the cosine decay ends at learning_rate * min_lr_ratio
+    schedule: str = "cosine"  # after warmup: "cosine" decay, or "linear": constant, then a linear cooldown
+    cooldown: float = 0.5  # with --schedule linear, the fraction of the run spent cooling down
+    min_lr_ratio: float = 0.1  # the decay ends at learning_rate * min_lr_ratio
     weight_decay: float = 0.1  # AdamW weight decay, applied to weight matrices only
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
     # --- evaluation and bookkeeping ---
@@ -74,6 +83,16 @@ class Config:
             raise ValueError(f"unknown dtype '{self.dtype}': use auto, float32, bfloat16 or float16.")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"unknown --compile '{self.compile}': use auto, on or off.")
+        choices = {"activation": ("gelu", "relu2"), "optimizer": ("adamw", "muon"),
+                   "schedule": ("cosine", "linear")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown --{name} '{getattr(self, name)}': use {' or '.join(allowed)}.")
+        for name in ("muon_lr", "logit_cap"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if not 0 <= self.cooldown <= 1:
+            raise ValueError(f"--cooldown must be in [0, 1], got {self.cooldown}.")
 
 
 # The Bigram is one vocab x vocab table: it needs neither long contexts nor dropout, and with a
@@ -119,9 +138,19 @@ def add_config_args(parser):
     for f in fields(Config):
         if f.name == "model":
             continue  # scripts add --model themselves, with its choices
-        group.add_argument(f"--{f.name}", type=f.type, default=None, metavar=f.type.__name__.upper(),
+        kind = parse_bool if f.type is bool else f.type
+        group.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper(),
                            help=f"{help_lines.get(f.name, '')} (default: {f.default})")
     return parser
+
+
+def parse_bool(text):
+    """'on', 'true', 'yes' or '1' -> True; 'off', 'false', 'no' or '0' -> False."""
+    value = {"on": True, "true": True, "yes": True, "1": True,
+             "off": False, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected on or off, got '{text}'")
+    return value
 
 
 def config_from_args(args):

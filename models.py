@@ -205,7 +205,7 @@ def causal_mask(T, S, window, device=None):
     return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (T, S)
 
 
-def causal_attention(q, k, v, window, dropout_p=0.0, return_weights=False):
+def causal_attention(q, k, v, window, return_weights=False):
     """Scaled dot-product attention with a causal mask, written out step by step.
 
     q: (B, nh, T, hs); k, v: (B, nh, S, hs), where the T queries are the last T of S positions.
@@ -219,8 +219,8 @@ def causal_attention(q, k, v, window, dropout_p=0.0, return_weights=False):
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S): how much t attends to s
     mask = causal_mask(T, S, window, q.device)  # (T, S)
     att = att.masked_fill(~mask, float("-inf"))  # masked positions get zero weight after softmax
-    att = F.softmax(att, dim=-1)  # each row sums to 1
-    y = F.dropout(att, p=dropout_p, training=dropout_p > 0) @ v  # (B, nh, T, hs): weighted values
+    att = F.softmax(att.float(), dim=-1).to(v.dtype)  # each row sums to 1 (summed in float32)
+    y = att @ v  # (B, nh, T, hs): weighted values
     return (y, att) if return_weights else y
 
 
@@ -229,7 +229,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.window = config.block_size
-        self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -245,38 +245,49 @@ class CausalSelfAttention(nn.Module):
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
         q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
+        if self.qk_norm:  # unit-RMS queries and keys: the attention logits cannot blow up
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
         dtype = q.dtype
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
             q = q.to(k.dtype)  # attention over the cache runs in its dtype, float32
         S = k.size(2)
-        dropout_p = self.dropout if self.training else 0.0
+        # No dropout on the attention weights: on a CPU it would push scaled_dot_product_attention
+        # off its fused kernel, and the block's output dropout below regularises as well.
         if self.keep_weights:  # someone wants to look at the attention: take the written-out path
-            y, self.weights = causal_attention(q, k, v, self.window, dropout_p, return_weights=True)
-        elif not self.use_sdpa:
-            y = causal_attention(q, k, v, self.window, dropout_p)  # (B, nh, T, hs)
+            y, self.weights = causal_attention(q, k, v, self.window, return_weights=True)
+        elif not self.use_sdpa or (q.device.type == "cpu" and q.dtype == torch.bfloat16 and T > 1):
+            # On a CPU, the fused kernel runs bfloat16 slower than these plain matmuls do: a training
+            # step of --preset cpu takes 1.4x as long through it (README: Speed).
+            y = causal_attention(q, k, v, self.window)  # (B, nh, T, hs)
         elif T == S <= self.window:  # training, or a prompt that fits: the plain causal mask
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1 and S <= self.window:  # one new character: it may see everything in the cache
             y = F.scaled_dot_product_attention(q, k, v)  # (B, nh, 1, hs)
         else:  # past the window: a sliding causal mask
             mask = causal_mask(T, S, self.window, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
 
+def relu2(x):
+    """ReLU squared: as cheap as ReLU, and smooth at 0 like GELU."""
+    return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, GELU, project back."""
+    """Position-wise feed-forward network: widen 4x, a nonlinearity (GELU or ReLU²), project back."""
 
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.act = {"gelu": F.gelu, "relu2": relu2}[config.activation]
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C)
+        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -320,10 +331,12 @@ class TinyGPT(LanguageModel):
 
         # GPT-2 initialisation: small normal weights. Each block adds two projections onto the
         # residual stream, so those are scaled down by sqrt(2 * n_layer) to keep its variance flat.
+        # With zero_init they start at zero instead: each block begins as the identity.
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.0 if config.zero_init else 0.02 / math.sqrt(2 * config.n_layer))
+        self.logit_cap = config.logit_cap
 
     @staticmethod
     def _init_weights(module):
@@ -350,6 +363,8 @@ class TinyGPT(LanguageModel):
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if self.logit_cap:  # soft-capping: no logit can grow past +-logit_cap
+            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
 
