@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model, pack_for_cpu_sampling
-from train import make_optimizer, to_model_ids
+from train import make_optimizers, to_model_ids
 from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
                    load_tokens, resolve_dtype, split_data, synchronize)
 
@@ -103,7 +103,7 @@ class NanoGPTStyle(nn.Module):
         return idx
 
 
-def bench_training(model, optimizer, config, device, dtype, steps):
+def bench_training(model, optimizers, config, device, dtype, steps):
     x = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
     y = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
 
@@ -111,8 +111,9 @@ def bench_training(model, optimizer, config, device, dtype, steps):
         with autocast(device, dtype):
             _, loss = model(x, y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     seconds = timed(step, device, steps)
     tokens = config.batch_size * config.block_size
@@ -220,14 +221,14 @@ def main(argv=None):
     print(f"matmul peak ({str(dtype)[6:]}, 2048 x 2048): {peak / 1e9:,.0f} GFLOP/s")
     torch.manual_seed(0)
     model = build_model(config, VOCAB).to(device)
-    t = bench_training(model, make_optimizer(model, config, device), config, device, dtype,
+    t = bench_training(model, make_optimizers(model, config, device), config, device, dtype,
                        args.train_steps)
     flops = flops_per_token(model, config) * t["tokens_per_s"]
     print(f"training: {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
           f"{flops / 1e9:,.1f} GFLOP/s achieved = {100 * flops / peak:.0f}% of the matmul peak")
     if not args.no_reference:
         reference = NanoGPTStyle(config, VOCAB).to(device)
-        r = bench_training(reference, torch.optim.AdamW(reference.parameters(), lr=config.learning_rate),
+        r = bench_training(reference, [torch.optim.AdamW(reference.parameters(), lr=config.learning_rate)],
                            config, device, torch.float32, args.train_steps)
         print(f"nanoGPT-style reference (float32, same size): {r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['ms_per_step']:,.1f} ms/step | smoll trains {t['tokens_per_s'] / r['tokens_per_s']:.2f}x "

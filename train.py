@@ -47,22 +47,27 @@ from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, CharTokenizer
 HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype", "compile", "grad_accum"}
 
 
-def get_lr(step, config, elapsed=0.0):
-    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio.
+def lr_scale(step, config, elapsed=0.0):
+    """The learning rate as a fraction of its peak: a linear warmup, then the decay to min_lr_ratio.
 
+    --schedule cosine decays along half a cosine. --schedule linear holds the peak, then cools down
+    in a straight line over the last `cooldown` fraction of the run.
     The decay follows the steps, or with --time_budget the fraction of the budget spent (elapsed
     seconds), so that a timed run always ends at the bottom of the schedule.
     """
-    warmup = config.learning_rate * (step + 1) / (config.warmup_iters + 1)
+    warmup = (step + 1) / (config.warmup_iters + 1)
     if config.time_budget > 0:
         progress = elapsed / config.time_budget
     else:
         if step < config.warmup_iters:
             return warmup
         progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))  # goes from 1 down to 0
-    min_lr = config.learning_rate * config.min_lr_ratio
-    decayed = min_lr + cosine * (config.learning_rate - min_lr)
+    progress = min(progress, 1.0)
+    if config.schedule == "cosine":
+        left = 0.5 * (1.0 + math.cos(math.pi * progress))  # goes from 1 down to 0
+    else:
+        left = min(1.0, (1.0 - progress) / config.cooldown) if config.cooldown else 1.0
+    decayed = config.min_lr_ratio + left * (1.0 - config.min_lr_ratio)
     return min(warmup, decayed) if step < config.warmup_iters else decayed
 
 
@@ -72,15 +77,32 @@ def optimizer_flags(device):
     return {"fused": fused, "foreach": not fused}
 
 
-def make_optimizer(model, config, device):
-    """AdamW with weight decay on weight matrices only: decaying gains and biases only hurts."""
+def make_optimizers(model, config, device):
+    """AdamW, with weight decay on weight matrices only: decaying gains and biases only hurts.
+
+    With --optimizer muon, Muon updates the transformer blocks' weight matrices instead: it turns
+    each one's momentum into the nearest orthogonal matrix (a few Newton-Schulz steps), so every
+    direction of the matrix learns at the same rate. Embeddings, the head and the gains keep AdamW.
+    Each group keeps its peak learning rate in "peak_lr"; train_step scales it by lr_scale.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.99), **optimizer_flags(device))
+    hidden = set()
+    if config.optimizer == "muon" and hasattr(model, "blocks"):
+        hidden = {p for p in model.blocks.parameters() if p.dim() == 2}
+    adamw_groups = [
+        {"params": [p for p in params if p.dim() >= 2 and p not in hidden], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    for group in adamw_groups:
+        group["peak_lr"] = config.learning_rate
+    optimizers = [torch.optim.AdamW(adamw_groups, lr=config.learning_rate, betas=(0.9, 0.99),
+                                    **optimizer_flags(device))]
+    if hidden:
+        muon_params = [p for p in params if p in hidden]  # in the model's order, so resume matches
+        optimizers.append(torch.optim.Muon([{"params": muon_params, "peak_lr": config.muon_lr}],
+                                           lr=config.muon_lr, weight_decay=config.weight_decay))
+    return optimizers
 
 
-@torch.no_grad()
 def estimate_loss(model, eval_batches, device, dtype, stop=None):
     """Mean loss over fixed batches per split, so curves are comparable between evaluations.
 
@@ -256,7 +278,7 @@ class Run:
     eval_batches: dict  # split -> fixed [(x, y), ...], the same at every evaluation
     model: torch.nn.Module  # what checkpoints save
     train_model: torch.nn.Module  # what the step runs: model, wrapped by DDP and torch.compile
-    optimizer: torch.optim.Optimizer
+    optimizers: list  # AdamW, and Muon with --optimizer muon
     scaler: torch.amp.GradScaler  # only enabled for float16
     batch_rng: torch.Generator
     record: dict  # where and how it was trained, saved in checkpoints as "run"
@@ -268,7 +290,8 @@ class Run:
     eval_seconds: float = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
     compiled: bool = False  # whether train_model runs through torch.compile
     time_before: float = 0.0  # training seconds of earlier sessions of a resumed run
-    t_start: float = 0.0  # when this session's clock started, after the warm-up
+    t_start: float = 0.0  # when this session's clock started: before the data, the model and the warm-up
+    t_loop: float = 0.0  # when its training loop started, after the warm-up (for tokens/s)
     step_start: int = 0  # the step this session started at
 
     def log(self, *args, **kwargs):
@@ -281,19 +304,23 @@ class Run:
 
     def tokens_per_s(self):
         tokens = (self.step - self.step_start) * self.config.batch_size * self.config.block_size
-        return tokens * self.world_size / (time.perf_counter() - self.t_start)
+        return tokens * self.world_size / (time.perf_counter() - self.t_loop)
 
 
 def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval):
     """The training loop: set up, warm up, then step, evaluating and saving every eval_interval
     steps, until the last step, the end of the time budget or a Ctrl-C."""
+    # The clock covers everything up to the last checkpoint: reading the data, building the model,
+    # the warm-up (and compiling), training and evaluating. --time_budget counts all of it.
+    t_start = time.perf_counter()
     r = setup_run(config, data_path, out_path, state, rank, world_size, device)
+    r.time_before, r.t_start = r.record["train_time_s"], t_start
     compile_seconds, step_seconds, eval_seconds = warm_up(r)
     if compile_seconds:
         r.record["compile_s"] = round(compile_seconds, 1)
-        r.log(f"compiled the training step in {compile_seconds:.1f} s (not counted as training time)")
+        r.log(f"compiled the training step in {compile_seconds:.1f} s")
     announce_estimate(r, step_seconds, eval_seconds)
-    r.time_before, r.t_start, r.step_start = r.record["train_time_s"], time.perf_counter(), r.step
+    r.t_loop, r.step_start = time.perf_counter(), r.step
     budget = config.time_budget
     # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws often;
     # into a log file, every few seconds is plenty.
@@ -321,14 +348,14 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
                 save_state(r, finished=False)
                 interrupted = True
                 break
-            lr = get_lr(r.step, config, r.record["train_time_s"])
-            loss = train_step(r, lr)
+            scale = lr_scale(r.step, config, r.record["train_time_s"])
+            loss = train_step(r, scale)
             r.step += 1
-            bar.update(min(r.elapsed(), budget) - bar.n if budget else 1)
+            bar.update(int(min(r.elapsed(), budget)) - bar.n if budget else 1)  # whole seconds
             if r.step % 10 == 0 or r.step == config.max_iters:  # .item() waits for the GPU: not every step
                 loss_value = loss.item()
                 check_loss(loss_value, r)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{r.tokens_per_s():,.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{config.learning_rate * scale:.2e}", tok_s=f"{r.tokens_per_s():,.0f}")
     bar.close()
     return finish_run(r, interrupted, sample_chars, full_eval)
 
@@ -347,7 +374,7 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, tokenizer.vocab_size).to(device)
-    optimizer = make_optimizer(model, config, device)
+    optimizers = make_optimizers(model, config, device)
     # float16 needs loss scaling: small gradients would round to zero. The scaler multiplies the loss
     # before backward and divides the gradients before the update; a step whose gradients overflow
     # is skipped and the scale lowered. Disabled, it passes everything through unchanged.
@@ -362,7 +389,7 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
               "torch": str(torch.__version__), "world_size": world_size,
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "train_time_s": 0.0}
     r = Run(config, device, dtype, rank, world_size, out_path, tokenizer, ids, train_data, val_data,
-            eval_batches, model, model, optimizer, scaler, batch_rng, record, resumed=state is not None)
+            eval_batches, model, model, optimizers, scaler, batch_rng, record, resumed=state is not None)
     if state is not None:
         restore_state(r, state)
     # Under torchrun, DDP averages the gradients of all ranks during backward().
@@ -392,8 +419,10 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
 def restore_state(r, state):
     """Pick up exactly where the saved run stopped."""
     r.model.load_state_dict(state["model_state"])
-    r.optimizer.load_state_dict(state["optimizer"])  # moves its tensors to the parameters' device
-    for group in r.optimizer.param_groups:  # the saved flags are those of the machine that saved
+    saved = state["optimizer"]
+    for optimizer, optimizer_state in zip(r.optimizers, saved if isinstance(saved, list) else [saved]):
+        optimizer.load_state_dict(optimizer_state)  # moves its tensors to the parameters' device
+    for group in r.optimizers[0].param_groups:  # AdamW's flags are those of the machine that saved
         group.update(optimizer_flags(r.device))
     if r.scaler.is_enabled() and state.get("scaler"):
         r.scaler.load_state_dict(state["scaler"])
@@ -445,7 +474,8 @@ def warm_up(r):
         loss.backward()
         synchronize(r.device)
         times.append(time.perf_counter() - t)
-    r.optimizer.zero_grad(set_to_none=True)
+    for optimizer in r.optimizers:
+        optimizer.zero_grad(set_to_none=True)
     set_rng_states(saved, r.device, r.batch_rng)
     r.model.eval()
     t = time.perf_counter()
@@ -478,12 +508,13 @@ def format_seconds(s):
     return f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
 
-def train_step(r, lr):
+def train_step(r, scale):
     """One optimizer step on one batch, run as config.grad_accum micro-batches whose gradients add up
     to the whole batch's. Returns the batch's mean loss, as a tensor (reading it waits for the GPU)."""
     c = r.config
-    for group in r.optimizer.param_groups:
-        group["lr"] = lr
+    for optimizer in r.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * scale
     x, y = get_batch(r.train_data, c.batch_size, c.block_size, r.batch_rng, r.device)  # (B, T) each
     total = 0.0
     for i, (x_micro, y_micro) in enumerate(zip(x.chunk(c.grad_accum), y.chunk(c.grad_accum))):
@@ -495,11 +526,13 @@ def train_step(r, lr):
             r.scaler.scale(loss / c.grad_accum).backward()  # each micro-batch is 1/grad_accum of the mean
         total += loss.detach() / c.grad_accum
     if c.grad_clip > 0:
-        r.scaler.unscale_(r.optimizer)  # clip the true gradients, not the scaled ones
+        for optimizer in r.optimizers:
+            r.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         torch.nn.utils.clip_grad_norm_(r.model.parameters(), c.grad_clip)
-    r.scaler.step(r.optimizer)  # skips the update if float16 gradients overflowed
+    for optimizer in r.optimizers:
+        r.scaler.step(optimizer)  # skips the update if float16 gradients overflowed
+        optimizer.zero_grad(set_to_none=True)
     r.scaler.update()
-    r.optimizer.zero_grad(set_to_none=True)
     return total
 
 
@@ -515,7 +548,8 @@ def evaluate_and_keep_best(r, bar, stop):
     check_finite(losses["val"], r.step, r.out_path, r.config)
     r.history.append({"step": r.step, "train_loss": round(losses["train"], 5),
                       "val_loss": round(losses["val"], 5),
-                      "lr": get_lr(min(r.step, r.config.max_iters - 1), r.config, r.record["train_time_s"]),
+                      "lr": r.config.learning_rate * lr_scale(min(r.step, r.config.max_iters - 1), r.config,
+                                                              r.record["train_time_s"]),
                       "tokens_per_s": round(r.tokens_per_s()), "time_s": round(r.record["train_time_s"], 2)})
     mark = ""
     if losses["val"] < r.best["val"]:
@@ -540,7 +574,7 @@ def save_state(r, finished):
         dist.all_gather_object(rngs, rng_states(r.device, r.batch_rng))
     if r.rank == 0:
         save_checkpoint(last_path(r.out_path), r.model, r.config, r.tokenizer, r.step, r.best["val"],
-                        half=False, optimizer=to_cpu(r.optimizer.state_dict()), scaler=r.scaler.state_dict(),
+                        half=False, optimizer=[to_cpu(o.state_dict()) for o in r.optimizers], scaler=r.scaler.state_dict(),
                         rng=rngs, best_step=r.best["step"], history=r.history, run=r.record,
                         finished=finished)
 

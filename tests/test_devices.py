@@ -130,11 +130,11 @@ def test_a_resumed_optimizer_gets_the_flags_of_its_own_device(tmp_path, tiny_con
     out = tmp_path / "run.pth"
     train(tiny_config, tiny_text, str(out), sample_chars=0)
     state = torch.load(last_path(str(out)), weights_only=True)
-    for group in state["optimizer"]["param_groups"]:  # as a CUDA machine would have saved them
+    for group in state["optimizer"][0]["param_groups"]:  # AdamW's, as a CUDA machine would have saved them
         group.update(fused=True, foreach=False)
     state["finished"] = False
     r = setup_run(tiny_config, tiny_text, str(out), state, 0, 1, torch.device("cpu"))
-    assert all(g["fused"] is False and g["foreach"] is True for g in r.optimizer.param_groups)
+    assert all(g["fused"] is False and g["foreach"] is True for g in r.optimizers[0].param_groups)
 
 
 def test_packed_linears_fall_back_on_a_pytorch_without_the_private_ops(monkeypatch):
@@ -178,8 +178,8 @@ def test_skipped_float16_steps_are_not_divergence_but_overflow_at_every_scale_is
 def gradients_of_one_step(config, text, out):
     r = setup_run(config, text, out, None, 0, 1, torch.device("cpu"))
     seen = {}
-    r.optimizer.step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in r.model.named_parameters()})
-    loss = train_step(r, lr=1e-3)
+    r.optimizers[0].step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in r.model.named_parameters()})
+    loss = train_step(r, scale=1.0)
     return seen, loss
 
 
@@ -210,7 +210,7 @@ def test_under_ddp_only_the_last_micro_batch_syncs_gradients(tmp_path, tiny_conf
             yield
 
     r.train_model, r.world_size = FakeDDP(), 2
-    train_step(r, lr=1e-3)
+    train_step(r, scale=1.0)
     assert len(entered) == 3
 
 

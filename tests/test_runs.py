@@ -23,9 +23,11 @@ TINY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, dropout
 TINY_FLAGS = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])  # float16 also resumes its gradient scaler
-def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_text, monkeypatch, dtype):
-    config = make_config(**{**TINY, "dtype": dtype})
+# float16 also resumes its gradient scaler; Muon its momentum buffers beside AdamW's moments
+@pytest.mark.parametrize("dtype, optimizer", [("float32", "adamw"), ("float16", "adamw"), ("float32", "muon")])
+def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_text, monkeypatch, dtype,
+                                                              optimizer):
+    config = make_config(**{**TINY, "dtype": dtype, "optimizer": optimizer})
     straight = tmp_path / "straight.pth"
     train(config, tiny_text, str(straight), sample_chars=0)
 
@@ -45,9 +47,12 @@ def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_tex
     assert a["step"] == b["step"] == 30 and a["scaler"] == b["scaler"]
     for key in a["model_state"]:
         torch.testing.assert_close(a["model_state"][key], b["model_state"][key], rtol=0, atol=1e-6)
-    for key, moments in a["optimizer"]["state"].items():
-        torch.testing.assert_close(moments["exp_avg"], b["optimizer"]["state"][key]["exp_avg"],
-                                   rtol=0, atol=1e-6)
+    assert len(a["optimizer"]) == len(b["optimizer"]) == (2 if optimizer == "muon" else 1)
+    for saved_a, saved_b in zip(a["optimizer"], b["optimizer"]):
+        assert saved_a["state"].keys() == saved_b["state"].keys() and saved_a["state"]
+        for key, buffers in saved_a["state"].items():
+            for name, value in buffers.items():  # AdamW's moments and step; Muon's momentum
+                torch.testing.assert_close(value, saved_b["state"][key][name], rtol=0, atol=1e-6)
     assert [h["val_loss"] for h in a["history"]] == [h["val_loss"] for h in b["history"]]
     assert [h["step"] for h in b["history"]] == [0, 10, 20, 30]  # no step evaluated twice
     assert result["best_step"] == a["best_step"]

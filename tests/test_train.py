@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import train as train_script
 from config import Config, make_config
 from models import Bigram, TinyGPT
-from train import get_lr, train
+from train import lr_scale, make_optimizers, train
 from utils import (CharTokenizer, SmollError, eval_loss, get_batch, load_model, save_checkpoint,
                    split_data)
 
@@ -33,13 +33,22 @@ def test_split_is_first_90_percent_train_last_10_percent_val():
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
-    config = make_config(learning_rate=1e-3, warmup_iters=100, max_iters=1000, min_lr_ratio=0.1)
-    assert get_lr(0, config) == pytest.approx(1e-3 / 101)
-    assert get_lr(100, config) == pytest.approx(1e-3)  # the peak, right after warmup
-    assert get_lr(550, config) == pytest.approx(0.55e-3)  # half-way down the cosine
-    assert get_lr(1000, config) == pytest.approx(1e-4)
-    lrs = [get_lr(s, config) for s in range(100, 1001)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    config = make_config(warmup_iters=100, max_iters=1000, min_lr_ratio=0.1)
+    assert lr_scale(0, config) == pytest.approx(1 / 101)
+    assert lr_scale(100, config) == pytest.approx(1.0)  # the peak, right after warmup
+    assert lr_scale(550, config) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_scale(1000, config) == pytest.approx(0.1)
+    scales = [lr_scale(s, config) for s in range(100, 1001)]
+    assert all(a >= b for a, b in zip(scales, scales[1:]))
+
+
+def test_linear_schedule_holds_the_peak_then_cools_down_in_a_straight_line():
+    config = make_config(schedule="linear", cooldown=0.4, warmup_iters=100, max_iters=1100, min_lr_ratio=0.0)
+    assert lr_scale(50, config) == pytest.approx(51 / 101)
+    assert lr_scale(100, config) == lr_scale(700, config) == pytest.approx(1.0)  # constant for 60%
+    assert lr_scale(900, config) == pytest.approx(0.5)  # half-way through the cooldown
+    assert lr_scale(1100, config) == pytest.approx(0.0)
+    assert lr_scale(900, make_config(schedule="linear", cooldown=0.0, max_iters=1100)) == 1.0  # no cooldown
 
 
 def test_bigram_reaches_the_count_based_optimum(tmp_path, shakespeare, monkeypatch):
@@ -210,11 +219,11 @@ def test_bad_config_values_are_rejected_with_a_reason(overrides, message):
 
 def test_lr_schedule_follows_the_time_budget():
     config = make_config(learning_rate=1e-3, warmup_iters=10, min_lr_ratio=0.1, time_budget=100.0)
-    assert get_lr(0, config, elapsed=0.0) == pytest.approx(1e-3 / 11)  # warmup still counts steps
-    assert get_lr(10, config, elapsed=0.0) == pytest.approx(1e-3)
-    assert get_lr(5000, config, elapsed=50.0) == pytest.approx(0.55e-3)  # half the budget spent
-    assert get_lr(99999, config, elapsed=100.0) == pytest.approx(1e-4)  # max_iters plays no part
-    assert get_lr(99999, config, elapsed=130.0) == pytest.approx(1e-4)
+    assert lr_scale(0, config, elapsed=0.0) == pytest.approx(1 / 11)  # warmup still counts steps
+    assert lr_scale(10, config, elapsed=0.0) == pytest.approx(1.0)
+    assert lr_scale(5000, config, elapsed=50.0) == pytest.approx(0.55)  # half the budget spent
+    assert lr_scale(99999, config, elapsed=100.0) == pytest.approx(0.1)  # max_iters plays no part
+    assert lr_scale(99999, config, elapsed=130.0) == pytest.approx(0.1)
 
 
 def test_a_time_budget_stops_the_run_on_time(tmp_path, tiny_config, tiny_text):
@@ -226,6 +235,39 @@ def test_a_time_budget_stops_the_run_on_time(tmp_path, tiny_config, tiny_text):
     assert result["history"][-1]["step"] > 10  # max_iters does not stop a timed run
     assert result["history"][-1]["lr"] == pytest.approx(config.learning_rate * config.min_lr_ratio,
                                                         rel=0.2)  # it ends at the bottom of the schedule
+
+
+def test_muon_owns_the_blocks_matrices_and_its_step_changes_only_them():
+    config = make_config(n_layer=2, n_embd=32, n_head=4, block_size=16, dropout=0.0, optimizer="muon",
+                         weight_decay=0.0, muon_lr=0.02)
+    torch.manual_seed(0)
+    model = TinyGPT(config, 65)
+    adamw, muon = make_optimizers(model, config, torch.device("cpu"))
+    owned = lambda opt: {id(p) for group in opt.param_groups for p in group["params"]}
+    hidden = {id(p) for p in model.blocks.parameters() if p.dim() == 2}
+    assert owned(muon) == hidden  # qkv, attention and MLP projections of every block
+    assert owned(adamw) == {id(p) for p in model.parameters()} - hidden  # embeddings, head, norms
+    assert all(model.get_parameter(name).dim() == 2 for name in ("token_embedding.weight", "lm_head.weight"))
+
+    x, y = torch.randint(65, (4, 16)), torch.randint(65, (4, 16))
+    model(x, y)[1].backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    muon.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (id(p) in hidden), name  # Muon moved its own, only
+    # Its update is the orthogonalised momentum, times the lr scaled by sqrt(rows / cols) for tall
+    # matrices: five Newton-Schulz steps bring the gradient's singular values close to 1 (between
+    # about 0.5 and 1.5; the very smallest lag behind).
+    fc = model.blocks[0].mlp.fc  # weight (128, 32)
+    step = (before["blocks.0.mlp.fc.weight"] - fc.weight.detach()) / (0.02 * math.sqrt(128 / 32))
+    grad_sv, step_sv = torch.linalg.svdvals(fc.weight.grad), torch.linalg.svdvals(step)
+    assert grad_sv.max() / grad_sv.median() > 3  # the gradient has a few dominant directions
+    assert step_sv.max() < 1.6 and (step_sv > 0.5).float().mean() > 0.9  # the step has none
+
+    adamw.step()
+    for name, p in model.named_parameters():
+        if id(p) not in hidden:
+            assert not torch.equal(p, before[name]), name
 
 
 def test_bfloat16_autocast_matches_float32():
