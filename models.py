@@ -213,7 +213,8 @@ def causal_attention(q, k, v, window, return_weights=False):
     A position may only look at itself and earlier positions, so the model cannot peek at the
     characters it is asked to predict.
     F.scaled_dot_product_attention computes the same thing in one fused, memory-saving kernel;
-    CausalSelfAttention uses it, and tests/ check that the two agree.
+    CausalSelfAttention uses it, except in bfloat16 on a CPU, where this is faster. tests/ check
+    that the two agree.
     """
     T, S, hs = q.size(-2), k.size(-2), q.size(-1)
     att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S): how much t attends to s
@@ -233,7 +234,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.use_sdpa = True  # False runs the written-out causal_attention instead
+        self.use_sdpa = None  # None: SDPA but in bfloat16 on a CPU; True or False: SDPA or causal_attention
         self.keep_weights = False  # True stores each forward's attention weights in self.weights
         self.weights = None
 
@@ -256,9 +257,10 @@ class CausalSelfAttention(nn.Module):
         # off its fused kernel, and the block's output dropout below regularises as well.
         if self.keep_weights:  # someone wants to look at the attention: take the written-out path
             y, self.weights = causal_attention(q, k, v, self.window, return_weights=True)
-        elif not self.use_sdpa or (q.device.type == "cpu" and q.dtype == torch.bfloat16 and T > 1):
+        elif self.use_sdpa is False or (self.use_sdpa is None and q.device.type == "cpu"
+                                        and q.dtype == torch.bfloat16 and T > 1):
             # On a CPU, the fused kernel runs bfloat16 slower than these plain matmuls do: a training
-            # step of --preset cpu takes 1.4x as long through it (README: Speed).
+            # step of --preset cpu takes about 1.4x as long through it (README: Speed).
             y = causal_attention(q, k, v, self.window)  # (B, nh, T, hs)
         elif T == S <= self.window:  # training, or a prompt that fits: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -112,6 +112,8 @@ TRAIN_ERRORS = [
     (["--learning_rate", "0"], "--learning_rate must be positive"),
     (["--learning_rate", "fast"], "invalid float value: 'fast'"),
     (["--model", "gpt5"], "invalid choice: 'gpt5'"),
+    (["--optimizer", "sgd"], "unknown --optimizer 'sgd': use adamw or muon"),
+    (["--qk_norm", "maybe"], "expected on or off, got 'maybe'"),
     (["--epochs", "10"], "unrecognized arguments: --epochs"),
     (["--eval_only", "--weights", "{missing}"], "does not exist"),
     (["--eval_only", "--weights", "{truncated}"], "not a readable smoll checkpoint"),

@@ -240,3 +240,14 @@ def test_ctrl_c_during_the_first_evaluation_stops_within_seconds(tmp_path, tiny_
     assert "No evaluation has finished yet" in stdout
     assert f"python train.py --resume --out {os.path.relpath(out)}" in stdout
     assert torch.load(last_path(str(out)), weights_only=True)["step"] == 0
+
+
+def test_compile_auto_compiles_on_cuda_and_for_long_cpu_budgets():
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert train_script.should_compile(make_config(), cuda)
+    assert not train_script.should_compile(make_config(), cpu)  # no budget: by steps, uncompiled
+    assert train_script.should_compile(make_config(preset="cpu"), cpu)  # 5 minutes repay ~15 s of compiling
+    assert not train_script.should_compile(make_config(preset="cpu", time_budget=30), cpu)
+    assert not train_script.should_compile(make_config(preset="cpu"), mps)
+    assert not train_script.should_compile(make_config(compile="off"), cuda)
+    assert train_script.should_compile(make_config(compile="on"), cpu)

@@ -199,7 +199,21 @@ def test_config_layers_defaults_model_defaults_preset_and_overrides():
     assert bigram.learning_rate == 0.1 and bigram.dropout == 0.0
     cpu = make_config(preset="cpu", n_layer=5)
     assert cpu.n_layer == 5 and cpu.n_embd == 128  # the override beats the preset, the preset the default
-    assert cpu.time_budget == 300 and make_config(preset="cpu_30min").max_iters == 3000
+    assert cpu.time_budget == 300 and make_config(preset="cpu_10min").time_budget == 600
+    assert make_config(preset="cpu_30min").n_layer == 6
+
+
+def test_on_off_flags_parse_both_ways():
+    import argparse
+    from config import add_config_args, config_from_args
+    parser = add_config_args(argparse.ArgumentParser())
+    parser.add_argument("--model", default="tinygpt")
+    parser.add_argument("--preset")
+    on = config_from_args(parser.parse_args(["--qk_norm", "on", "--zero_init", "true"]))
+    assert on.qk_norm is True and on.zero_init is True
+    off = config_from_args(parser.parse_args(["--preset", "cpu", "--qk_norm", "off", "--zero_init", "0"]))
+    assert off.qk_norm is False and off.zero_init is False  # a flag turns off what the preset turned on
+    assert make_config(preset="cpu").qk_norm is True
 
 
 @pytest.mark.parametrize("overrides, message", [
