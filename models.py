@@ -260,7 +260,7 @@ class CausalSelfAttention(nn.Module):
         elif self.use_sdpa is False or (self.use_sdpa is None and q.device.type == "cpu"
                                         and q.dtype == torch.bfloat16 and T > 1):
             # On a CPU, the fused kernel runs bfloat16 slower than these plain matmuls do: a training
-            # step of --preset cpu takes about 1.4x as long through it (README: Speed).
+            # step of --preset cpu takes 1.1x to 1.5x as long through it (README: Speed).
             y = causal_attention(q, k, v, self.window)  # (B, nh, T, hs)
         elif T == S <= self.window:  # training, or a prompt that fits: the plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
