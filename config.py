@@ -147,9 +147,12 @@ def add_config_args(parser):
     for f in fields(Config):
         if f.name == "model":
             continue  # scripts add --model themselves, with its choices
-        kind = parse_bool if f.type is bool else f.type
-        group.add_argument(f"--{f.name}", type=kind, default=None, metavar=f.type.__name__.upper(),
-                           help=f"{help_lines.get(f.name, '')} (default: {f.default})")
+        if f.type is bool:
+            kind, metavar, default = parse_bool, "ON|OFF", "on" if f.default else "off"
+        else:
+            kind, metavar, default = f.type, f.type.__name__.upper(), f.default
+        group.add_argument(f"--{f.name}", type=kind, default=None, metavar=metavar,
+                           help=f"{help_lines.get(f.name, '')} (default: {default})")
     return parser
 
 
