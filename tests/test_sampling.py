@@ -16,11 +16,15 @@ from train import train
 VOCAB = 20
 
 
-def random_model(n_layer, block_size=8):
+# The CPU presets' model options: QK-norm, ReLU² and a logit cap all sit on the cached path too.
+RECIPE = dict(qk_norm=True, activation="relu2", logit_cap=30.0)
+
+
+def random_model(n_layer, block_size=8, **options):
     """A TinyGPT with large random weights, so that its logits are far from uniform."""
     torch.manual_seed(0)
-    model = TinyGPT(make_config(n_layer=n_layer, n_embd=32, n_head=4, block_size=block_size, dropout=0.0),
-                    VOCAB).eval()
+    model = TinyGPT(make_config(n_layer=n_layer, n_embd=32, n_head=4, block_size=block_size, dropout=0.0,
+                                **options), VOCAB).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(std=0.3)
@@ -36,9 +40,9 @@ def cached_logits(model, x, prompt_len=3):
     return torch.cat(steps, dim=1)  # (B, T, V)
 
 
-@pytest.mark.parametrize("n_layer", [1, 3])
-def test_cached_logits_equal_the_full_forward_within_and_past_the_window(n_layer):
-    model = random_model(n_layer)
+@pytest.mark.parametrize("n_layer, options", [(1, {}), (3, {}), (3, RECIPE)])
+def test_cached_logits_equal_the_full_forward_within_and_past_the_window(n_layer, options):
+    model = random_model(n_layer, **options)
     x = torch.randint(VOCAB, (2, 30))  # almost 4 windows of 8
     with torch.no_grad():
         full, _ = model(x)  # past block_size, each position attends to the 8 ending at itself
