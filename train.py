@@ -465,12 +465,12 @@ def set_rng_states(rng, device, batch_rng):
 
 
 def warm_up(r):
-    """One forward and backward pass on a throwaway batch before the clock starts (two, really: the
-    first sets up or compiles, the second is timed), then one evaluation batch. The gradients are
-    dropped and every RNG state is put back, so the run goes on exactly as without them.
+    """One forward and backward pass on a throwaway batch before the training loop (two, really:
+    the first sets up or compiles, the second is timed), then one evaluation batch. The gradients
+    are dropped and every RNG state is put back, so the run goes on exactly as without them.
 
-    torch.compile compiles the step here: on CUDA that takes tens of seconds, which would
-    otherwise eat into --time_budget and the tokens/s. The timings give the run's estimate.
+    torch.compile compiles the step here. That time counts against --time_budget, but not against
+    the tokens/s. The timings give the run's estimate.
     Returns (seconds spent compiling, or 0; seconds an optimizer step takes; seconds an evaluation takes).
     """
     c = r.config
@@ -585,7 +585,8 @@ def save_state(r, finished):
         dist.all_gather_object(rngs, rng_states(r.device, r.batch_rng))
     if r.rank == 0:
         save_checkpoint(last_path(r.out_path), r.model, r.config, r.tokenizer, r.step, r.best["val"],
-                        half=False, optimizer=[to_cpu(o.state_dict()) for o in r.optimizers], scaler=r.scaler.state_dict(),
+                        half=False, optimizer=[to_cpu(o.state_dict()) for o in r.optimizers],
+                        scaler=r.scaler.state_dict(),
                         rng=rngs, best_step=r.best["step"], history=r.history, run=r.record,
                         finished=finished)
 
