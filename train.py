@@ -72,6 +72,15 @@ def lr_scale(step, config, elapsed=0.0):
     return min(warmup, decayed) if step < config.warmup_iters else decayed
 
 
+def batch_shape(step, config):
+    """(sequences, context length) of a step's batch. With --seq_warmup N, the first N steps take
+    contexts half as long, twice as many of them: as many characters per step, but attention
+    costs half as much, and early on the model mostly learns short-range statistics anyway."""
+    if step < config.seq_warmup:
+        return 2 * config.batch_size, max(1, config.block_size // 2)
+    return config.batch_size, config.block_size
+
+
 def optimizer_flags(device):
     """One fused kernel for the whole AdamW update on CUDA; a few batched (foreach) ops elsewhere."""
     fused = device.type == "cuda"
@@ -407,7 +416,8 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
         # keys never get the "_orig_mod." prefix. Where compiling fails (no compiler, an old GPU),
         # the step runs uncompiled instead of stopping the run.
         torch._dynamo.config.suppress_errors = True
-        r.train_model = torch.compile(r.train_model)
+        # dynamic=False: a batch of another shape (--seq_warmup) gets its own specialised graph.
+        r.train_model = torch.compile(r.train_model, dynamic=False)
 
     n_params = sum(p.numel() for p in model.parameters())
     r.log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
@@ -469,22 +479,28 @@ def warm_up(r):
     the first sets up or compiles, the second is timed), then one evaluation batch. The gradients
     are dropped and every RNG state is put back, so the run goes on exactly as without them.
 
-    torch.compile compiles the step here. That time counts against --time_budget, but not against
-    the tokens/s. The timings give the run's estimate.
+    torch.compile compiles the step here, for each shape of batch the run will take (two with
+    --seq_warmup). That time counts against --time_budget, but not against the tokens/s. The
+    timings give the run's estimate.
     Returns (seconds spent compiling, or 0; seconds an optimizer step takes; seconds an evaluation takes).
     """
     c = r.config
-    x, y = get_batch(r.train_data, c.batch_size // c.grad_accum, c.block_size,
-                     torch.Generator().manual_seed(0), r.device)
+    shapes = [batch_shape(r.step, c)] if r.compiled and r.step < c.seq_warmup else []
+    shapes.append(batch_shape(c.seq_warmup, c))  # the full shape last: it times the step
     saved = rng_states(r.device, r.batch_rng)
-    times = []
-    for _ in range(2):
-        t = time.perf_counter()
-        with autocast(r.device, r.dtype):
-            _, loss = r.train_model(x, y)
-        loss.backward()
-        synchronize(r.device)
-        times.append(time.perf_counter() - t)
+    compile_seconds = 0.0
+    for batch_size, block_size in shapes:
+        x, y = get_batch(r.train_data, batch_size // c.grad_accum, block_size,
+                         torch.Generator().manual_seed(0), r.device)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            with autocast(r.device, r.dtype):
+                _, loss = r.train_model(x, y)
+            loss.backward()
+            synchronize(r.device)
+            times.append(time.perf_counter() - t)
+        compile_seconds += times[0] - times[1]
     for optimizer in r.optimizers:
         optimizer.zero_grad(set_to_none=True)
     set_rng_states(saved, r.device, r.batch_rng)
@@ -495,7 +511,7 @@ def warm_up(r):
     synchronize(r.device)
     eval_seconds = 2 * c.eval_iters * (time.perf_counter() - t)
     r.model.train()
-    return (times[0] - times[1] if r.compiled else 0.0), times[1] * c.grad_accum, eval_seconds
+    return (compile_seconds if r.compiled else 0.0), times[1] * c.grad_accum, eval_seconds
 
 
 def announce_estimate(r, step_seconds, eval_seconds):
@@ -526,7 +542,7 @@ def train_step(r, scale):
     for optimizer in r.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * scale
-    x, y = get_batch(r.train_data, c.batch_size, c.block_size, r.batch_rng, r.device)  # (B, T) each
+    x, y = get_batch(r.train_data, *batch_shape(r.step, c), r.batch_rng, r.device)  # (B, T) each
     total = 0.0
     for i, (x_micro, y_micro) in enumerate(zip(x.chunk(c.grad_accum), y.chunk(c.grad_accum))):
         # Under DDP, averaging the gradients across ranks once, after the last micro-batch, is enough.

@@ -23,11 +23,13 @@ TINY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, dropout
 TINY_FLAGS = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
 
 
-# float16 also resumes its gradient scaler; Muon its momentum buffers beside AdamW's moments
+# float16 also resumes its gradient scaler; Muon its momentum buffers beside AdamW's moments. The
+# Muon run also stops inside a sequence-length warmup and resumes across its end.
 @pytest.mark.parametrize("dtype, optimizer", [("float32", "adamw"), ("float16", "adamw"), ("float32", "muon")])
 def test_resume_ends_exactly_where_the_uninterrupted_run_ends(tmp_path, tiny_text, monkeypatch, dtype,
                                                               optimizer):
-    config = make_config(**{**TINY, "dtype": dtype, "optimizer": optimizer})
+    seq_warmup = 20 if optimizer == "muon" else 0
+    config = make_config(**{**TINY, "dtype": dtype, "optimizer": optimizer, "seq_warmup": seq_warmup})
     straight = tmp_path / "straight.pth"
     train(config, tiny_text, str(straight), sample_chars=0)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import train as train_script
 from config import Config, make_config
 from models import Bigram, TinyGPT
-from train import lr_scale, make_optimizers, train
+from train import batch_shape, lr_scale, make_optimizers, train
 from utils import (CharTokenizer, SmollError, eval_loss, get_batch, load_model, save_checkpoint,
                    split_data)
 
@@ -211,9 +211,9 @@ def test_on_off_flags_parse_both_ways():
     parser.add_argument("--preset")
     on = config_from_args(parser.parse_args(["--qk_norm", "on", "--zero_init", "true"]))
     assert on.qk_norm is True and on.zero_init is True
-    off = config_from_args(parser.parse_args(["--preset", "cpu", "--qk_norm", "off", "--zero_init", "0"]))
+    off = config_from_args(parser.parse_args(["--preset", "cpu_10min", "--qk_norm", "off", "--zero_init", "0"]))
     assert off.qk_norm is False and off.zero_init is False  # a flag turns off what the preset turned on
-    assert make_config(preset="cpu").qk_norm is True
+    assert make_config(preset="cpu_10min").qk_norm is True
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -249,6 +249,24 @@ def test_a_time_budget_stops_the_run_on_time(tmp_path, tiny_config, tiny_text):
     assert result["history"][-1]["step"] > 10  # max_iters does not stop a timed run
     assert result["history"][-1]["lr"] == pytest.approx(config.learning_rate * config.min_lr_ratio,
                                                         rel=0.2)  # it ends at the bottom of the schedule
+
+
+def test_seq_warmup_trains_on_half_contexts_twice_as_many_first(tmp_path, tiny_config, tiny_text, monkeypatch):
+    config = make_config(**{**tiny_config.__dict__, "seq_warmup": 3, "max_iters": 6, "eval_interval": 100})
+    assert [batch_shape(step, config) for step in range(6)] == [(16, 8)] * 3 + [(8, 16)] * 3
+    assert batch_shape(0, tiny_config) == (8, 16)  # off by default
+
+    shapes = []
+    real_get_batch = train_script.get_batch
+
+    def recording_get_batch(data, batch_size, block_size, *args, **kwargs):
+        x, y = real_get_batch(data, batch_size, block_size, *args, **kwargs)
+        shapes.append(tuple(x.shape))
+        return x, y
+
+    monkeypatch.setattr(train_script, "get_batch", recording_get_batch)
+    train(config, tiny_text, str(tmp_path / "m.pth"), sample_chars=0)
+    assert shapes[-6:] == [(16, 8)] * 3 + [(8, 16)] * 3  # the six training steps' batches, in order
 
 
 def test_muon_owns_the_blocks_matrices_and_its_step_changes_only_them():
@@ -303,11 +321,13 @@ def test_bfloat16_autocast_matches_float32():
 def test_a_compiled_run_saves_plain_keys_and_matches_an_uncompiled_run(tmp_path, tiny_config, tiny_text):
     from torch._dynamo.utils import counters
 
-    eager = train(tiny_config, tiny_text, str(tmp_path / "eager.pth"), sample_chars=0)
+    # With a sequence-length warmup the step takes two shapes of batch: each gets its own graph.
+    config = make_config(**{**tiny_config.__dict__, "seq_warmup": 5})
+    eager = train(config, tiny_text, str(tmp_path / "eager.pth"), sample_chars=0)
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = train(make_config(**{**tiny_config.__dict__, "compile": "on"}), tiny_text,
+    compiled = train(make_config(**{**config.__dict__, "compile": "on"}), tiny_text,
                      str(tmp_path / "compiled.pth"), sample_chars=0)
-    assert counters["stats"]["unique_graphs"] > graphs_before  # the step really was compiled
+    assert counters["stats"]["unique_graphs"] >= graphs_before + 2  # the step really was compiled, twice
     for name in ("compiled.pth", "compiled.last.pth"):
         keys = torch.load(tmp_path / name, weights_only=True)["model_state"]
         assert not any(k.startswith("_orig_mod.") for k in keys)
