@@ -34,7 +34,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-    logits = logits.float() / temperature  # (B, V)
+    logits = logits.float() if temperature == 1 else logits.float() / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
@@ -52,12 +52,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 
 class KVCache:
-    """Each attention layer's keys and values for the last window - 1 positions.
+    """Each attention layer's keys and values for the last `window` positions, in a ring buffer.
 
     Without a cache, every new character means a forward pass over the whole window. With one,
     the model only runs the new character: its query attends to the keys and values kept here.
-    The keys are stored already rotated (RoPE) for their positions; attention scores depend only
-    on the offset between two positions, so the stored keys stay right as the window slides.
+    Each layer gets `window` slots, and position p is written to slot p % window, over the
+    position one window older that no query can see any more. The buffers never grow or move.
+    The keys are stored already rotated (RoPE) for their positions, so a query can take them in
+    any slot order: attention scores depend only on the offset between two positions, and a single
+    query's softmax does not care about the order of its keys.
     Past the window this is sliding-window attention: at every layer, each position attends to the
     `window` positions ending at itself. TinyGPT's forward pass over a longer sequence computes
     exactly that, and the tests check that the cache matches it.
@@ -67,28 +70,34 @@ class KVCache:
 
     def __init__(self, window):
         self.window = window
-        self.keep = window - 1  # a new position attends to itself and the window - 1 before it
         self.pos = 0  # how many positions the model has processed
-        self.k, self.v = {}, {}  # layer -> buffer (B, nh, 2 * window, hs)
-        self.n = {}  # layer -> how many entries of its buffer are filled
+        self.k, self.v = {}, {}  # layer -> ring buffer (B, nh, window, hs)
+
+    def buffers(self, layer, B, n_head, head_size, device):
+        """The ring buffers of one layer, each (B, nh, window, hs), made on first use."""
+        if layer not in self.k:
+            self.k[layer] = torch.zeros(B, n_head, self.window, head_size, device=device)
+            self.v[layer] = torch.zeros_like(self.k[layer])
+        return self.k[layer], self.v[layer]
 
     def update(self, layer, k, v):
         """Add the new keys and values (B, nh, T, hs) of one layer, T <= window. Returns what the
-        new queries may attend to: the kept past, then the new ones (B, nh, S, hs)."""
-        T = k.size(2)
-        if layer not in self.k:  # room for a window of past and a window of new entries
-            shape = (k.size(0), k.size(1), 2 * self.window, k.size(3))
-            self.k[layer] = k.new_empty(shape, dtype=torch.float32)
-            self.v[layer], self.n[layer] = torch.empty_like(self.k[layer]), 0
-        k_buf, v_buf, n = self.k[layer], self.v[layer], self.n[layer]
-        if n + T > k_buf.size(2):  # full: move the part still needed to the front, once a window
-            k_buf[:, :, :self.keep] = k_buf[:, :, n - self.keep:n].clone()
-            v_buf[:, :, :self.keep] = v_buf[:, :, n - self.keep:n].clone()
-            n = self.keep
-        k_buf[:, :, n:n + T], v_buf[:, :, n:n + T] = k, v
-        self.n[layer] = n + T
-        start = max(0, n - self.keep)
-        return k_buf[:, :, start:n + T], v_buf[:, :, start:n + T]  # (B, nh, S, hs)
+        new queries may attend to (B, nh, S, hs): for one query, the filled slots in ring order;
+        for several (a prompt), the kept past in order of position, then the new ones."""
+        W, T = self.window, k.size(2)
+        k_buf, v_buf = self.buffers(layer, k.size(0), k.size(1), k.size(3), k.device)
+        if T == 1:  # one new character: it overwrites the slot that fell out of its window
+            slot = self.pos % W
+            k_buf[:, :, slot:slot + 1], v_buf[:, :, slot:slot + 1] = k, v
+            n = min(self.pos + 1, W)  # before the ring is full, slots 0..pos hold positions 0..pos
+            return k_buf[:, :, :n], v_buf[:, :, :n]  # (B, nh, n, hs)
+        past = torch.arange(self.pos - min(self.pos, W - 1), self.pos) % W  # slots, oldest first
+        k_all = torch.cat([k_buf[:, :, past], k.float()], dim=2)  # (B, nh, S, hs)
+        v_all = torch.cat([v_buf[:, :, past], v.float()], dim=2)
+        kept = min(T, W)  # of the new positions, the last window's worth stays in the ring
+        slots = torch.arange(self.pos + T - kept, self.pos + T) % W
+        k_buf[:, :, slots], v_buf[:, :, slots] = k[:, :, T - kept:].float(), v[:, :, T - kept:].float()
+        return k_all, v_all
 
 
 class LanguageModel(nn.Module):
@@ -98,14 +107,16 @@ class LanguageModel(nn.Module):
     block_size: int
     receptive_field: int
 
-    @torch.inference_mode()  # no_grad, and lighter still: nothing here will ever need gradients
-    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    @torch.no_grad()  # (not inference_mode: its tensors cannot enter a compiled step)
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+               decoder=None):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
         use_cache=True runs only the new character through the model at each step (see KVCache).
         use_cache=False is the plain reference decoder: for every new character it reruns the full
         forward pass over all of the text that can still reach the prediction. The tests check
         that the two give the same text, within the window and past it. Dropout is off while sampling.
+        decoder (a Decoder of this model, or None) runs the characters after the prompt in fewer calls.
 
         The lecture code's decoder reruns only the last block_size characters. That is the same
         thing while the text fits in the window. Past it, cropping is not a cache-free version of
@@ -122,6 +133,8 @@ class LanguageModel(nn.Module):
             for _ in range(max_new_tokens):
                 if cache is None:
                     logits, _ = self(idx[:, -self.receptive_field:])  # (B, <=receptive_field, V)
+                elif decoder is not None and unseen.size(1) == 1:  # after the prompt: the lean path
+                    logits = decoder.step(unseen, cache)[:, None]  # (B, 1, V)
                 else:  # a long prompt goes in window-sized pieces; after it, one id at a time
                     for piece in unseen.split(self.block_size, dim=1):
                         logits, _ = self(piece, cache=cache)  # (B, <=block_size, V)
@@ -133,9 +146,10 @@ class LanguageModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
+                 decoder=None):
         """Return idx (B, T) extended by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
-        new_ids = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache))
+        new_ids = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, decoder))
         return torch.cat([idx, *new_ids], dim=1)
 
 
@@ -174,20 +188,27 @@ class Bigram(LanguageModel):
 
 
 def rotary_tables(head_size, positions, base=10000.0):
-    """cos and sin tables for the given positions (a 1-D tensor), each (len(positions), head_size // 2).
+    """cos and sin tables for the given positions (a 1-D tensor), each (len(positions), head_size).
 
-    The angles are computed in float64, so that they stay exact for positions in the millions.
+    Channel i is paired with channel i + head_size/2, and each pair turns by one angle, so both
+    halves of a row hold the same angles. The sin table's first half is negated, which lets
+    apply_rotary do the whole rotation in one multiply-add. The angles are computed in float64,
+    so that they stay exact for positions in the millions.
     """
     inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)  # (hs/2,)
     angles = torch.outer(positions.to(torch.float64), inv_freq)  # (T, hs/2)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).float(), torch.cat([-sin, sin], dim=-1).float()  # (T, hs)
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate x (..., T, hs) by the angles for its T positions; cos, sin are (T, hs/2)."""
-    x1, x2 = x.chunk(2, dim=-1)  # each (..., T, hs/2): channel i is paired with i + hs/2
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., T, hs)
+    """Rotate x (..., T, hs) by the angles for its T positions; cos, sin are (T, hs) from rotary_tables.
+
+    With x = [x1, x2] (halves of hs/2 channels), the rotation is [x1 cos - x2 sin, x2 cos + x1 sin]:
+    x * cos plus the halves swapped, [x2, x1], times [-sin, sin]. Three calls, whatever the shape.
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # no-ops, except under autocast
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, dims=-1), sin)  # (..., T, hs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,9 +266,9 @@ class CausalSelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
         qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
-        q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
         if self.qk_norm:  # unit-RMS queries and keys: the attention logits cannot blow up
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+            qk = F.rms_norm(qk, (qk.size(-1),))  # q and k in one call: on a CPU each call costs more than its work
+        q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
         dtype = q.dtype
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
@@ -269,7 +290,7 @@ class CausalSelfAttention(nn.Module):
         else:  # past the window: a sliding causal mask
             mask = causal_mask(T, S, self.window, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.to(dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
 
@@ -327,8 +348,8 @@ class TinyGPT(LanguageModel):
         # The rotary tables are derived from the config, so they are not saved in checkpoints.
         self.head_size = config.n_embd // config.n_head
         cos, sin = rotary_tables(self.head_size, torch.arange(config.block_size))
-        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs/2)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
         self._far_rope = (0, cos[:0], sin[:0])  # tables past block_size: see far_rotary_tables
 
         # GPT-2 initialisation: small normal weights. Each block adds two projections onto the
@@ -355,9 +376,9 @@ class TinyGPT(LanguageModel):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0  # the position of idx[:, 0]
         if start + T <= self.block_size:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs/2)
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
         else:
-            cos, sin = self.far_rotary_tables(start, T, idx.device)  # (T, hs/2)
+            cos, sin = self.far_rotary_tables(start, T, idx.device)  # (T, hs)
         x = self.drop(self.token_embedding(idx))  # (B, T, C)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # for a bfloat16 model, once rather than per layer
         for layer, block in enumerate(self.blocks):
@@ -404,7 +425,7 @@ def build_model(config, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling speed on a CPU
+# Sampling speed: one character at a time in few calls, and weights that read fast
 
 
 class PackedLinear(nn.Module):
@@ -422,9 +443,18 @@ class PackedLinear(nn.Module):
         self.weight = linear.weight  # kept as it is, so that state_dict() does not change
         # the 1: laid out for one row at a time, the way sampling multiplies (more rows work too)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")  # x @ W^T
+
+
+def _check_close(y, reference, tolerance=0.02):
+    """Raise AssertionError unless y is within tolerance of reference, relative to its largest value.
+    (Not torch.testing.assert_close: importing it takes half a second, longer than sampling 500 characters.)"""
+    error = (y.float() - reference.float()).abs().max()
+    if not error <= tolerance * reference.float().abs().max().clamp_min(1.0):
+        raise AssertionError(f"off by {error.item():.3g}")
 
 
 def pack_for_cpu_sampling(model):
@@ -440,9 +470,170 @@ def pack_for_cpu_sampling(model):
         packed = [PackedLinear(child) for _, _, child in linears]
         if packed:  # these are private ops: check once that they exist here and compute x @ W^T
             x = torch.randn(2, linears[0][2].in_features, dtype=torch.bfloat16)
-            torch.testing.assert_close(packed[0](x), F.linear(x, linears[0][2].weight), rtol=2e-2, atol=2e-2)
+            _check_close(packed[0](x), F.linear(x, linears[0][2].weight))
     except (RuntimeError, AttributeError, NotImplementedError, AssertionError):
         return 0  # a PyTorch without these ops, or a oneDNN that cannot pack bfloat16 here: keep nn.Linear
     for (parent, name, _), new in zip(linears, packed):
         setattr(parent, name, new)
     return len(packed)
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear with int8 weights, for sampling: a quarter of float32's bytes to read.
+
+    Weight-only quantisation: each output row keeps its own scale, max|row| / 127, and the
+    activations stay in floating point. PyTorch's CPU kernel for this (the one gpt-fast uses)
+    takes bfloat16 activations and returns bfloat16, so this layer belongs in a bfloat16 model.
+    Rounding each weight to one of 255 levels of its row costs little: bench.py --window_quality
+    measures it (README: Precision while sampling). For inference only.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()  # (out, in)
+        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (out,): one step of the row's grid
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale)
+        return y.view(*shape[:-1], self.out_features)  # (..., out) = x @ (qweight * scale)^T
+
+
+def quantize_for_cpu_sampling(model):
+    """Swap every bias-free nn.Linear of a bfloat16 model on the CPU for an Int8Linear, in place.
+    Returns how many layers were swapped: 0 where the kernel is missing or wrong here."""
+    linears = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is nn.Linear and child.bias is None
+               and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
+    try:
+        quantized = [Int8Linear(child) for _, _, child in linears]
+        if quantized:  # a private kernel: check once that it exists here and computes x @ W^T
+            x = torch.randn(3, linears[0][2].in_features, dtype=torch.bfloat16)
+            _check_close(quantized[0](x), F.linear(x, linears[0][2].weight), tolerance=0.05)
+    except (RuntimeError, AttributeError, NotImplementedError, AssertionError):
+        return 0
+    for (parent, name, _), new in zip(linears, quantized):
+        setattr(parent, name, new)
+    return len(quantized)
+
+
+def _matmul(module):
+    """The cheapest call for module's x (B, in) -> x @ W^T (B, out), plus an optional residual (B, out)."""
+    if type(module) is nn.Linear:  # one BLAS call that also adds the residual
+        w_t = module.weight.t()  # (in, out), a view
+        return lambda x, residual=None: torch.mm(x, w_t) if residual is None else torch.addmm(residual, x, w_t)
+    forward = module.forward  # skips nn.Module.__call__'s hooks, which cost more than this work here
+    return lambda x, residual=None: forward(x) if residual is None else residual + forward(x)
+
+
+class Decoder:
+    """TinyGPT's forward pass for one new character per sequence, in as few calls as it takes.
+
+    Sampling runs one position at a time, and then a CPU spends more time starting each of
+    PyTorch's operations than doing its arithmetic: TinyGPT.forward makes about 70 calls a layer.
+    This computes the same thing in about 20, on the ring buffers of a KVCache:
+    - the residual stream stays (B, C): one position needs no reshapes between heads and channels;
+    - q and k of all heads get RoPE together, in three calls (apply_rotary);
+    - each residual add happens inside its projection's matmul (torch.addmm), for nn.Linear;
+    - QK-norm is one vector norm: x / rms(x) = x * sqrt(hs) / |x|.
+    It works with whatever linear layers the model holds: nn.Linear in its dtype, PackedLinear or
+    Int8Linear. The prompt goes through TinyGPT.forward, which fills the same cache. Tests check
+    that the two give the same logits and, in float32, the same greedy text far past the window.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.window, self.cap = model.block_size, model.logit_cap
+        self.n_head, self.hs = model.blocks[0].attn.n_head, model.head_size
+        self.C, self.rope = model.lm_head.in_features, None
+        self.layers = [dict(ln_1=(block.ln_1.weight, block.ln_1.bias), ln_2=(block.ln_2.weight, block.ln_2.bias),
+                            qkv=_matmul(block.attn.qkv), proj=_matmul(block.attn.proj),
+                            fc=_matmul(block.mlp.fc), fc_proj=_matmul(block.mlp.proj),
+                            act=block.mlp.act, qk_norm=block.attn.qk_norm) for block in model.blocks]
+        self.head = _matmul(model.lm_head)
+
+    def rotary(self, pos, device, dtype):
+        """cos and sin (hs,) for position pos."""
+        first, cos, sin = self.rope or (0, None, None)
+        if cos is None or not first <= pos < first + len(cos):  # 4096 positions' rows at a time
+            if pos < self.window:
+                first, cos, sin = 0, self.model.rope_cos, self.model.rope_sin
+            else:
+                first = pos
+                cos, sin = self.model.far_rotary_tables(pos, 4096, device)
+            self.rope = (first, cos.to(dtype), sin.to(dtype))  # (N, hs) each
+        return cos[pos - first], sin[pos - first]
+
+    def step(self, idx, cache):
+        """idx (B, 1): the next character of each sequence -> logits (B, V). Updates the cache."""
+        pos = cache.pos
+        cos, sin = self.rotary(pos, idx.device, self.model.token_embedding.weight.dtype)
+        ring = [cache.buffers(i, idx.size(0), self.n_head, self.hs, idx.device) for i in range(len(self.layers))]
+        slot = torch.tensor([pos % self.window], device=idx.device)
+        logits = self.forward(idx, cos, sin, ring, slot, min(pos + 1, self.window), None)
+        cache.pos += 1
+        return logits
+
+    def forward(self, idx, cos, sin, ring, slot, n, mask):
+        """One step on explicit inputs: ring holds each layer's (keys, values) buffers, slot (1,)
+        is where this position goes, and the query sees the first n slots, or all of them through
+        mask (B, 1, 1, W) where n is None. The compiled step (CompiledDecoder) takes the second
+        form: its shapes never change, so it is one graph for every position."""
+        model, C, nh, hs = self.model, self.C, self.n_head, self.hs
+        B = idx.size(0)
+        x = model.token_embedding.weight[idx[:, 0]]  # (B, C)
+        for layer, (k_buf, v_buf) in zip(self.layers, ring):  # buffers (B, nh, W, hs), float32
+            qkv = layer["qkv"](F.layer_norm(x, (C,), *layer["ln_1"]))  # (B, 3C)
+            qk = apply_rotary(qkv[:, :2 * C].view(B, 2, nh, hs), cos, sin)  # (B, 2, nh, hs): q and k
+            if layer["qk_norm"]:  # x / rms(x) = x / (|x| / sqrt(hs))
+                qk = qk.float() / (torch.linalg.vector_norm(qk.float(), dim=-1, keepdim=True) * hs ** -0.5)
+            k_buf.index_copy_(2, slot, qk[:, 1, :, None].float())  # overwrites the position that left the window
+            v_buf.index_copy_(2, slot, qkv[:, 2 * C:3 * C].view(B, nh, 1, hs).float())
+            q = qk[:, 0, :, None, :].float()  # (B, nh, 1, hs)
+            if n is not None and n < self.window:
+                k_buf, v_buf = k_buf[:, :, :n], v_buf[:, :, :n]  # the filled slots
+            y = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask)  # (B, nh, 1, hs)
+            x = layer["proj"](y.view(B, C).to(x.dtype), x)  # (B, C): x + attention
+            x = layer["fc_proj"](layer["act"](layer["fc"](F.layer_norm(x, (C,), *layer["ln_2"]))), x)
+        logits = self.head(F.layer_norm(x, (C,), model.ln_f.weight, model.ln_f.bias))  # (B, V)
+        if self.cap:
+            logits = self.cap * torch.tanh(logits / self.cap)
+        return logits
+
+
+class CompiledDecoder:
+    """A Decoder step compiled by torch.compile, on a KV cache of fixed shape.
+
+    Every step runs the same graph: the slot to write, the rotary angles and the mask of filled
+    slots are tensors, and the query always attends over all `window` slots of the ring (the
+    empty ones masked while it fills; from then on, no mask). So torch.compile builds two graphs
+    and reuses them for every position, with the pointwise work between the matmuls fused into
+    a few kernels. On CUDA, mode="reduce-overhead" also records each graph as a CUDA graph and
+    replays it with one launch, which is what makes one-character steps fast on a GPU; the ring
+    buffers are marked as static addresses so that the recording can write into them. Compiling
+    takes seconds to minutes, so play.py only picks this where it has measured that it pays.
+    """
+
+    def __init__(self, decoder, mode=None):
+        self.decoder = decoder
+        self.forward = torch.compile(decoder.forward, mode=mode, dynamic=False)
+        self.mask = None  # (B, 1, 1, W) booleans: which slots hold a position
+
+    def step(self, idx, cache):
+        d, pos = self.decoder, cache.pos
+        B, W = idx.size(0), d.window
+        ring = [cache.buffers(i, B, d.n_head, d.hs, idx.device) for i in range(len(d.layers))]
+        if self.mask is None or self.mask.size(0) != B:
+            self.mask = torch.zeros(B, 1, 1, W, dtype=torch.bool, device=idx.device)
+            for k_buf, v_buf in ring:
+                torch._dynamo.mark_static_address(k_buf)
+                torch._dynamo.mark_static_address(v_buf)
+        self.mask[..., :min(pos + 1, W)] = True
+        cos, sin = d.rotary(pos, idx.device, d.model.token_embedding.weight.dtype)
+        slot = torch.tensor([pos % W], device=idx.device)
+        logits = self.forward(idx, cos, sin, ring, slot, None, self.mask if pos < W - 1 else None)
+        cache.pos += 1
+        return logits.clone()  # a CUDA graph's output is overwritten by its next replay

@@ -9,21 +9,209 @@
 """
 
 import argparse
+import contextlib
+import copy
+import json
+import os
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from config import MODELS
-from models import pack_for_cpu_sampling
-from utils import (DEFAULT_WEIGHTS, SmollError, get_device, load_model, plot_attention, read_text,
-                   resolve_dtype)
+from models import (CompiledDecoder, Decoder, KVCache, TinyGPT, pack_for_cpu_sampling,
+                    quantize_for_cpu_sampling)
+from utils import (DEFAULT_WEIGHTS, DTYPES, SmollError, describe_device, get_device, load_model,
+                   plot_attention, read_text, resolve_dtype, synchronize)
 
 INTERACTIVE_HELP = """\
 Type a prompt and press Enter: the model continues it. An empty line starts from scratch.
 Commands: /temperature F  /length N  /top_k N (0: off)  /top_p F (1: off)  /seed N  /settings  /help
 Ctrl-C stops a long answer. Ctrl-C or Ctrl-D at the prompt (or /quit) leaves."""
+
+
+# ----------------------------------------------------------------------------------------------
+# How to sample on this machine: timed, not guessed
+#
+# Which precision samples fastest depends on the processor, not on its feature flags: on one CPU
+# with bfloat16 instructions a bfloat16 matrix-vector product is 2x float32's, on another it is
+# 3x slower. So play.py times a few decoding steps of each candidate path here and keeps the
+# fastest. The decision is stored per CPU (or GPU), PyTorch version, model shape and batch
+# size, so the next run on the same machine starts at once.
+
+COMPILE_GUESS_S = 30.0  # what compiling a step is assumed to cost before it has been measured here
+TIMED_STEPS = 24  # decoding steps timed per candidate, after a few untimed ones
+
+
+@dataclass(frozen=True)
+class SamplingPath:
+    dtype: str  # "float32", "bfloat16", "float16", or "int8" (int8 weights, bfloat16 activations)
+    compiled: bool = False  # the decoding step through torch.compile (CUDA graphs on CUDA)
+
+    def __str__(self):
+        return self.dtype + (" compiled" if self.compiled else "")
+
+
+def eager_candidates(device, dtype_flag):
+    """The eager paths worth timing on this device, or just the one --dtype asks for."""
+    if dtype_flag != "auto":
+        return [SamplingPath(dtype_flag)]
+    if device.type == "cpu":  # bfloat16 where the CPU runs it natively, int8 where PyTorch has the kernel
+        return [SamplingPath("float32"), SamplingPath("bfloat16"), SamplingPath("int8")]
+    if device.type == "cuda":
+        return [SamplingPath("float32"), SamplingPath(str(resolve_dtype("auto", device))[6:])]
+    return [SamplingPath("float32")]  # MPS: float32 is what it runs best
+
+
+def have_compiler(device):
+    """torch.compile needs a C++ compiler for CPU code (and Triton for CUDA code, which CUDA builds ship)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+
+
+def choose_path(step_seconds, n_steps, compile_seconds=None):
+    """The path that writes n_steps characters soonest: each path costs n_steps times its
+    seconds per step, plus its compile time if it has one still to pay (compile_seconds)."""
+    compile_seconds = compile_seconds or {}
+    return min(step_seconds, key=lambda p: compile_seconds.get(p, 0.0) + n_steps * step_seconds[p])
+
+
+def worth_compiling(eager_step_seconds, n_steps, compile_seconds=COMPILE_GUESS_S):
+    """Try compiling only if it could pay: even at twice the eager speed, it must save its cost."""
+    return n_steps * eager_step_seconds / 2 > compile_seconds
+
+
+def prepare_path(model, path, device):
+    """A copy of model set up for path, and its decoder (None for a model without one).
+    Returns None where this PyTorch cannot run the path (int8 without its kernel)."""
+    model = copy.deepcopy(model)
+    model.to(torch.bfloat16 if path.dtype == "int8" else DTYPES[path.dtype])
+    if path.dtype == "int8":
+        if device.type != "cpu" or not quantize_for_cpu_sampling(model):
+            return None
+    else:
+        pack_for_cpu_sampling(model)  # bfloat16 on a CPU only: the same numbers, read faster
+    if not isinstance(model, TinyGPT):
+        return model, None
+    decoder = Decoder(model)
+    if path.compiled:
+        decoder = CompiledDecoder(decoder, mode="reduce-overhead" if device.type == "cuda" else None)
+    return model, decoder
+
+
+def time_steps(model, decoder, batch_size, device, steps=TIMED_STEPS):
+    """Seconds per decoding step past the window (the cache full), the median of `steps` steps."""
+    cache = KVCache(model.block_size)
+    idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    with torch.no_grad():
+        for i in range(len(decoder.layers)):
+            cache.buffers(i, batch_size, decoder.n_head, decoder.hs, device)
+        cache.pos = 2 * model.block_size  # every slot in use, as in steady state
+        times = []
+        for i in range(steps + 3):  # the first steps warm caches up (and compile): not counted
+            t0 = time.perf_counter()
+            decoder.step(idx, cache)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[3:])
+
+
+def decision_key(model, config, device, batch_size):
+    """What a timing depends on: the processor, PyTorch, the model's shape and the batch."""
+    shape = {k: getattr(config, k) for k in ("model", "n_layer", "n_head", "n_embd", "block_size",
+                                             "activation", "qk_norm", "logit_cap")}
+    vocab = model.lm_head.out_features if hasattr(model, "lm_head") else config.block_size
+    return (f"{describe_device(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
+            f"| vocab {vocab} | batch {batch_size}")
+
+
+def decisions_path():
+    """Where timings are kept: $SMOLL_CACHE_DIR, or ~/.cache/smoll."""
+    folder = os.environ.get("SMOLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "smoll")
+    return os.path.join(folder, "sampling_paths.json")
+
+
+def read_decisions(path):
+    """The stored timings, or {} when there are none or they cannot be read (then they are remade)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            decisions = json.load(f)
+        return decisions if isinstance(decisions, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_decisions(path, decisions):
+    """Store the timings atomically; a cache that cannot be written only costs the next run time."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(decisions, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_chars=500, batch_size=1,
+                       log=None):
+    """Time the candidate paths (or read their timings from the cache), and return the fastest
+    for n_chars characters as (path, model, decoder, report): report says what was measured."""
+    if not isinstance(model, TinyGPT):  # the Bigram is one table lookup: nothing to choose
+        path = SamplingPath(dtype_flag if dtype_flag != "auto" else "float32")
+        return (path, *prepare_path(model, path, device), f"{path} (a Bigram has one path)")
+    key, store = decision_key(model, config, device, batch_size), decisions_path()
+    decisions = read_decisions(store)
+    known = decisions.get(key, {})
+    timings = {}  # path -> seconds per step
+    ready = {}  # path -> (model, decoder) set up in this run
+    source = "from the cache"
+    for path in eager_candidates(device, dtype_flag):
+        if str(path) in known.get("steps", {}):
+            timings[path] = known["steps"][str(path)]
+            continue
+        prepared = prepare_path(model, path, device)
+        if prepared is None:
+            continue
+        ready[path] = prepared
+        timings[path] = time_steps(*prepared, batch_size, device)
+        source = "timed now"
+    best = choose_path(timings, n_chars)
+    if not eager and have_compiler(device):
+        compiled = SamplingPath(best.dtype, compiled=True)
+        compile_s = known.get("compile_s", {}).get(str(compiled))
+        if str(compiled) in known.get("steps", {}):
+            timings[compiled] = known["steps"][str(compiled)]
+        elif worth_compiling(timings[best], n_chars, compile_s or COMPILE_GUESS_S):
+            if log:
+                log(f"compiling the decoding step ({compiled}): it can pay back over {n_chars:,} characters")
+            t0 = time.perf_counter()
+            ready[compiled] = prepare_path(model, compiled, device)
+            timings[compiled] = time_steps(*ready[compiled], batch_size, device)
+            compile_s = time.perf_counter() - t0
+            known.setdefault("compile_s", {})[str(compiled)] = compile_s
+            source = "timed now"
+        if compiled in timings:
+            # compiled code is cached on disk by PyTorch, but loading it again still takes time
+            cost = {} if compiled in ready else {compiled: compile_s or COMPILE_GUESS_S}
+            best = choose_path(timings, n_chars, cost)
+    known["steps"] = {**known.get("steps", {}), **{str(p): s for p, s in timings.items()}}
+    decisions[key] = known
+    if source == "timed now":
+        write_decisions(store, decisions)
+    if best not in ready:
+        ready[best] = prepare_path(model, best, device)
+    figures = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in sorted(timings.items(), key=lambda kv: kv[1]))
+    report = f"{best} ({source}, ms per step: {figures})"
+    return (best, *ready[best], report)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
 
 
 def build_parser():
@@ -48,15 +236,20 @@ def build_parser():
                         help="how many continuations to write, generated together in one batch")
     parser.add_argument("--seed", type=int, help="fix the randomness: the same seed gives the same text")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                        help="weights' precision while sampling. auto (the default) is the fastest "
-                             "this device runs natively: bfloat16 on CPUs with bf16 instructions and "
-                             "on GPUs from the A100/RTX 30xx on, float16 on older GPUs, float32 "
-                             "elsewhere. In float32 the cache gives exactly the text of --no_cache; "
-                             "in lower precisions rounding can make the two differ")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "int8"), default="auto",
+                        help="weights' precision while sampling. auto (the default) times a few "
+                             "decoding steps of each path this device offers (CPU: float32, bfloat16, "
+                             "int8 weights; CUDA: float32 and its native half precision) and keeps "
+                             "the fastest; the timings are cached for the next run. int8: weights "
+                             "rounded to 8 bits per output row, bfloat16 activations (CPU). In "
+                             "float32 the cache gives exactly the text of --no_cache; in lower "
+                             "precisions rounding can make the two differ")
+    parser.add_argument("--eager", action="store_true",
+                        help="never compile the decoding step, even where timing says it would pay")
     parser.add_argument("--interactive", action="store_true",
                         help="a prompt loop in the terminal; /help lists its commands")
-    parser.add_argument("--verbose", action="store_true", help="print the speed in characters/s at the end")
+    parser.add_argument("--verbose", action="store_true",
+                        help="say which sampling path was chosen and why, and print the speed at the end")
     parser.add_argument("--no_cache", action="store_true",
                         help="decode without the KV cache: for every character, rerun the model "
                              "over all the text that can still reach it (slow; the reference the "
@@ -95,14 +288,14 @@ def check_args(parser, args):
         parser.error("--interactive writes one continuation at a time: drop --attention and --num_samples.")
 
 
-def write_continuation(model, tokenizer, prompt, args, device, what="--prompt"):
+def write_continuation(model, decoder, tokenizer, prompt, args, device, what="--prompt"):
     """Print the prompt and its continuation(s). Returns (characters generated, seconds)."""
     out = sys.stdout
     start = prompt or ("\n" if "\n" in tokenizer.stoi else tokenizer.chars[0])
     ids = tokenizer.encode(start, what=what)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)  # (N, T)
     steps = model.stream(idx, args.length, args.temperature, args.top_k, args.top_p,
-                         use_cache=not args.no_cache)
+                         use_cache=not args.no_cache, decoder=decoder)
     t0 = time.perf_counter()
     if args.num_samples == 1:  # print each character the moment it exists
         out.write(prompt)
@@ -126,7 +319,7 @@ def report_speed(n_chars, seconds, args, device):
           f"{mode}, {device}, {args.dtype}]", file=sys.stderr)
 
 
-def interactive(model, tokenizer, config, args, device):
+def interactive(model, decoder, tokenizer, config, args, device):
     print(f"smoll {config.model}, {len(tokenizer.chars)} characters known, on {device}.\n{INTERACTIVE_HELP}")
     while True:
         try:
@@ -139,7 +332,7 @@ def interactive(model, tokenizer, config, args, device):
                 return
             continue
         try:
-            n_chars, seconds = write_continuation(model, tokenizer, line, args, device, "the prompt")
+            n_chars, seconds = write_continuation(model, decoder, tokenizer, line, args, device, "the prompt")
             if args.verbose:
                 report_speed(n_chars, seconds, args, device)
         except KeyboardInterrupt:
@@ -207,10 +400,17 @@ def play(args):
     if args.model and args.model != config.model:
         raise SmollError(f"'{weights}' holds a {config.model} model, not a {args.model}: "
                          f"drop --model, or pass --weights of a {args.model}.")
-    dtype = resolve_dtype(args.dtype, device)
-    model.to(dtype)
-    pack_for_cpu_sampling(model)  # bfloat16 on a CPU only: the same numbers, read faster
-    args.dtype = str(dtype)[6:]  # "float32", "bfloat16" or "float16", for --verbose
+    if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
+        path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
+        model, decoder = prepare_path(model, path, device) or prepare_path(model, SamplingPath("bfloat16"), device)
+        report = f"{path} (--dtype auto means float32 here)"
+    else:
+        path, model, decoder, report = pick_sampling_path(
+            model, config, device, args.dtype, args.eager, args.length * (1 if args.interactive else 1),
+            args.num_samples, log=lambda line: print(line, file=sys.stderr) if args.verbose else None)
+    if args.verbose:
+        print(f"[sampling path: {report}]", file=sys.stderr)
+    args.dtype = str(path)  # for --verbose's speed line
     prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
     if args.attention:
         draw_attention(model, tokenizer, config, prompt, args.attention, device)
@@ -218,10 +418,10 @@ def play(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.interactive:
-        interactive(model, tokenizer, config, args, device)
+        interactive(model, decoder, tokenizer, config, args, device)
         return
     what = "--prompt_file" if args.prompt_file else "--prompt"
-    n_chars, seconds = write_continuation(model, tokenizer, prompt, args, device, what)
+    n_chars, seconds = write_continuation(model, decoder, tokenizer, prompt, args, device, what)
     if args.verbose:
         report_speed(n_chars, seconds, args, device)
 
