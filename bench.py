@@ -4,14 +4,22 @@
     python bench.py --preset cpu           # the model that --preset cpu trains
     python bench.py --batch_size 8 --sample_chars 2000 --device cpu
 
-Training: tokens/s, ms per optimizer step, the achieved FLOP/s, and that figure as a fraction
-of this device's matmul peak, measured in the same run; then the same model size built and
-trained the way nanoGPT does it on a CPU (float32), side by side. Sampling: characters/s with the KV
-cache, and with nanoGPT's generate (no cache: the whole window rerun for every character), both in
-steady state past the end of the context window. The weights are random: speed does not depend on them.
+It first names the machine: the CPU (or GPU), its vector and matrix extensions, PyTorch.
+Training: tokens/s and ms per optimizer step of train.py's own train_step, on Tiny Shakespeare
+batches, set up as train.py sets it up (compiled where train.py would compile); the achieved
+FLOP/s, and that figure as a fraction of this device's matmul peak, measured in the same run; then
+the same model size built and trained the way nanoGPT does it on a CPU (float32), side by side.
+Sampling: characters/s on each path play.py can choose here (float32, bfloat16, int8 weights;
+--compile_sampling adds the compiled step), and with nanoGPT's generate (no cache: the whole
+window rerun for every character), all in steady state past the end of the context window. The
+weights are random: speed does not depend on them.
 """
 
 import argparse
+import contextlib
+import io
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -20,10 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
-from models import build_model, pack_for_cpu_sampling
-from train import make_optimizers, to_model_ids
-from utils import (DEFAULT_DATA, SmollError, autocast, describe_device, get_device, load_model,
-                   load_tokens, resolve_dtype, split_data, synchronize)
+from models import build_model
+from play import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path, time_steps
+from train import batch_shape, setup_run, to_model_ids, train_step
+from utils import (DEFAULT_DATA, SmollError, autocast, cpu_extensions, describe_device, get_device,
+                   load_model, load_tokens, resolve_dtype, split_data, synchronize)
 
 VOCAB = 65  # Tiny Shakespeare's
 
@@ -103,31 +112,45 @@ class NanoGPTStyle(nn.Module):
         return idx
 
 
-def bench_training(model, optimizers, config, device, dtype, steps):
+def bench_training(config, device, steps):
+    """ms per step and tokens/s of train.py's own train_step, set up by its own setup_run (the
+    data, model, optimizers and compiling, as `python train.py` with this config), at full length."""
+    with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()):
+        r = setup_run(config, DEFAULT_DATA, os.path.join(folder, "bench.pth"), None, 0, 1, device)
+    r.step = config.seq_warmup  # past any sequence-length warmup: full-length batches
+    seconds = timed(lambda: train_step(r, 1.0), device, steps)
+    B, T = batch_shape(r.step, config)
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": B * T / seconds, "model": r.model,
+            "dtype": r.dtype, "compiled": r.compiled}
+
+
+def bench_reference_training(model, optimizer, config, device, steps):
+    """The same for the nanoGPT-style reference, in float32, with plain AdamW."""
     x = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
     y = torch.randint(VOCAB, (config.batch_size, config.block_size), device=device)
 
     def step():
-        with autocast(device, dtype):
-            _, loss = model(x, y)
+        _, loss = model(x, y)
         loss.backward()
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     seconds = timed(step, device, steps)
     tokens = config.batch_size * config.block_size
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
-def bench_sampling(config, device, dtype, chars):
-    """Characters/s of smoll's KV cache, generating `chars` characters after a prompt that fills
-    the whole window, with the model prepared as play.py prepares it."""
+def bench_sampling(config, device, path, chars):
+    """Characters/s of smoll's KV cache on one sampling path, generating `chars` characters after
+    a prompt that fills the whole window, with the model prepared as play.py prepares it. Returns
+    None where this PyTorch cannot run the path."""
     torch.manual_seed(0)
-    model = build_model(config, VOCAB).to(device, dtype).eval()
-    pack_for_cpu_sampling(model)
+    prepared = prepare_path(build_model(config, VOCAB).to(device).eval(), path, device)
+    if prepared is None:
+        return None
+    model, decoder = prepared
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
-    steps = model.stream(prompt, chars + 1)
+    steps = model.stream(prompt, chars + 1, decoder=decoder)
     next(steps)  # the prompt itself is not timed: from here on, every step is past the window
     synchronize(device)
     t0 = time.perf_counter()
@@ -151,14 +174,17 @@ def bench_reference_sampling(config, device, chars):
 
 
 @torch.no_grad()
-def window_quality(weights, data_path, n_texts=16, device="cpu", dtype=torch.float32):
+def window_quality(weights, data_path, n_texts=16, device="cpu", dtype="float32"):
     """Past the window, compare the loss of what the KV cache computes (sliding-window attention,
     the model's forward pass over a long text) with rerunning the model on the last block_size
     characters for every position. Scored on n_texts random 4-window texts from the val split,
-    with the model in dtype, set up the way play.py samples with it."""
+    with the model set up the way play.py samples with it on the path of `dtype`
+    ("float32", "bfloat16", "float16" or "int8")."""
     model, tokenizer, config = load_model(weights, device, flag="--window_quality")
-    model.to(dtype)
-    pack_for_cpu_sampling(model)
+    prepared = prepare_path(model, SamplingPath(dtype), torch.device(device))
+    if prepared is None:
+        raise SmollError(f"this PyTorch cannot sample in {dtype} on {device}: pick another --sample_dtype.")
+    model = prepared[0]
     W = config.block_size
     ids, text_tokenizer = load_tokens(data_path)
     _, val = split_data(to_model_ids(ids, text_tokenizer, tokenizer, data_path), W)
@@ -175,6 +201,13 @@ def window_quality(weights, data_path, n_texts=16, device="cpu", dtype=torch.flo
     return torch.cat(sliding).mean().item(), torch.cat(rerun).mean().item(), 3 * W * n_texts
 
 
+def describe_machine(device):
+    """One line: the device, the CPU's extensions that matter for speed, and PyTorch."""
+    extensions = cpu_extensions()
+    cpu = f" ({', '.join(extensions)})" if device.type == "cpu" and extensions else ""
+    return f"device: {describe_device(device)}{cpu} | torch {torch.__version__}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Measure smoll's training and sampling speed.")
     parser.add_argument("--model", choices=MODELS, default="tinygpt", help=argparse.SUPPRESS)
@@ -189,6 +222,11 @@ def main(argv=None):
     parser.add_argument("--window_quality", metavar="WEIGHTS",
                         help="instead of timing, score a checkpoint past its context window: "
                              "the KV cache's sliding window against rerunning the window")
+    parser.add_argument("--sample_dtype", choices=("float32", "bfloat16", "float16", "int8"),
+                        help="with --window_quality: the sampling path to score (default: --dtype, "
+                             "or float32 for auto)")
+    parser.add_argument("--compile_sampling", action="store_true",
+                        help="also time the compiled decoding step (compiling takes 10 to 30 s on a CPU)")
     add_config_args(parser)
     args = parser.parse_args(argv)
     for flag in ("train_steps", "sample_chars", "reference_chars"):
@@ -205,40 +243,54 @@ def main(argv=None):
         parser.exit(1, f"error: {e}\n")
     dtype = resolve_dtype(config.dtype, device)
     if args.window_quality:
+        sample_dtype = args.sample_dtype or ("float32" if config.dtype == "auto" else config.dtype)
         try:
-            sliding, rerun, n = window_quality(args.window_quality, DEFAULT_DATA, device=device, dtype=dtype)
+            sliding, rerun, n = window_quality(args.window_quality, DEFAULT_DATA, device=device, dtype=sample_dtype)
         except SmollError as e:
             parser.exit(1, f"error: {e}\n")
-        print(f"validation loss past the window in {str(dtype)[6:]}, {n:,} positions: {sliding:.4f} "
+        print(f"validation loss past the window in {sample_dtype}, {n:,} positions: {sliding:.4f} "
               f"nats/char with the KV cache (sliding window) | {rerun:.4f} rerunning the last "
               f"block_size characters")
         return
 
-    print(f"device: {describe_device(device)} | torch {torch.__version__} | training in {str(dtype)[6:]}")
+    print(describe_machine(device))
     print(f"model: {config.n_layer} layers x {config.n_head} heads x {config.n_embd}, context "
           f"{config.block_size}, batch {config.batch_size}")
     peak = matmul_peak(device, dtype)
     print(f"matmul peak ({str(dtype)[6:]}, 2048 x 2048): {peak / 1e9:,.0f} GFLOP/s")
-    torch.manual_seed(0)
-    model = build_model(config, VOCAB).to(device)
-    t = bench_training(model, make_optimizers(model, config, device), config, device, dtype,
-                       args.train_steps)
-    flops = flops_per_token(model, config) * t["tokens_per_s"]
-    print(f"training: {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
+    try:
+        t = bench_training(config, device, args.train_steps)
+    except SmollError as e:
+        parser.exit(1, f"error: {e}\n")
+    flops = flops_per_token(t["model"], config) * t["tokens_per_s"]
+    print(f"training ({str(t['dtype'])[6:]}, {'compiled' if t['compiled'] else 'eager'}, train.py's "
+          f"train_step): {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
           f"{flops / 1e9:,.1f} GFLOP/s achieved = {100 * flops / peak:.0f}% of the matmul peak")
     if not args.no_reference:
+        torch.manual_seed(0)
         reference = NanoGPTStyle(config, VOCAB).to(device)
-        r = bench_training(reference, [torch.optim.AdamW(reference.parameters(), lr=config.learning_rate)],
-                           config, device, torch.float32, args.train_steps)
-        print(f"nanoGPT-style reference (float32, same size): {r['tokens_per_s']:,.0f} tokens/s | "
+        r = bench_reference_training(reference, torch.optim.AdamW(reference.parameters(), lr=config.learning_rate),
+                                     config, device, args.train_steps)
+        print(f"nanoGPT-style reference (float32, eager, same size): {r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['ms_per_step']:,.1f} ms/step | smoll trains {t['tokens_per_s'] / r['tokens_per_s']:.2f}x "
               f"as fast")
     reference = bench_reference_sampling(config, device, args.reference_chars)
     print(f"sampling past the window: nanoGPT-style generate (float32, no cache): {reference:,.1f} chars/s")
-    for sample_dtype in dict.fromkeys([dtype, torch.float32]):  # the training dtype, then float32
-        cached = bench_sampling(config, device, sample_dtype, args.sample_chars)
-        print(f"sampling past the window: smoll with the KV cache ({str(sample_dtype)[6:]}): "
-              f"{cached:,.0f} chars/s | {cached / reference:.1f}x the nanoGPT-style generate")
+    paths = eager_candidates(device, "auto")
+    if args.compile_sampling and have_compiler(device):
+        paths += [SamplingPath(p.dtype, compiled=True) for p in paths]
+    speeds = {}
+    for path in paths:
+        speed = bench_sampling(config, device, path, args.sample_chars)
+        if speed is None:
+            print(f"sampling past the window: smoll, {path}: not available in this PyTorch")
+            continue
+        speeds[path] = speed
+        print(f"sampling past the window: smoll with the KV cache, {path}: {speed:,.0f} chars/s | "
+              f"{speed / reference:.1f}x the nanoGPT-style generate")
+    if speeds:
+        best = choose_path({p: 1 / s for p, s in speeds.items()}, args.sample_chars)
+        print(f"fastest sampling path here: {best} (play.py times its own choice at start)")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,22 @@ def describe_device(device):
     return device.type
 
 
+CPU_EXTENSIONS = {"avx2": "AVX2", "avx512f": "AVX512F", "avx512_bf16": "AVX512-BF16", "avx512_vnni": "AVX512-VNNI",
+                  "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8", "asimd": "NEON", "sve": "SVE", "bf16": "BF16"}
+
+
+def cpu_extensions():
+    """The vector and matrix extensions this CPU reports that matter to smoll's speed, by name
+    ("AVX2", "AVX512-BF16", "AMX-BF16", "NEON", ...). Empty where the OS does not say (macOS)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return []
+    flags = set(line.partition(":")[2].split())
+    return [name for flag, name in CPU_EXTENSIONS.items() if flag in flags]
+
+
 def cpu_has_fast_bf16():
     """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 is ~2x fp32."""
     try:

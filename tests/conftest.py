@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -11,6 +12,10 @@ sys.path.insert(0, ROOT)
 from config import make_config  # noqa: E402
 
 SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
+
+# play.py caches its timings of the sampling paths: keep the suite's (and its subprocesses') apart
+# from the user's own cache in ~/.cache/smoll.
+os.environ["SMOLL_CACHE_DIR"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -145,7 +145,7 @@ def test_packed_bfloat16_linears_give_the_same_text_and_logits():
 
 
 def test_a_model_trains_on_long_sequences_after_sampling_past_the_window():
-    """Sampling runs under inference_mode; what it leaves on the model must not break training."""
+    """Sampling runs under no_grad; what it leaves on the model must not break training."""
     model = random_model(2)
     for use_cache in (False, True):
         model.generate(torch.randint(VOCAB, (1, 4)), 30, use_cache=use_cache)
