@@ -44,7 +44,7 @@ Ctrl-C stops a long answer. Ctrl-C or Ctrl-D at the prompt (or /quit) leaves."""
 # fastest. The decision is stored per CPU (or GPU), PyTorch version, model shape and batch
 # size, so the next run on the same machine starts at once.
 
-COMPILE_GUESS_S = 30.0  # what compiling a step is assumed to cost before it has been measured here
+COMPILE_GUESS_S = 20.0  # what compiling a step is assumed to cost before it has been measured here
 TIMED_STEPS = 24  # decoding steps timed per candidate, after a few untimed ones
 
 
@@ -112,15 +112,18 @@ def compile_mode(device):
 
 
 def time_steps(model, decoder, batch_size, device, steps=TIMED_STEPS):
-    """Seconds per decoding step past the window (the cache full), the median of `steps` steps."""
+    """Seconds per decoding step past the window (the cache full), the median of `steps` steps.
+    The untimed steps before them fill the ring's last slots, so a compiled step compiles both
+    its graphs (filling, and full) here, where compiling is counted."""
+    layers = getattr(decoder, "decoder", decoder)  # a CompiledDecoder wraps a Decoder
     cache = KVCache(model.block_size)
     idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        for i in range(len(decoder.layers)):
-            cache.buffers(i, batch_size, decoder.n_head, decoder.hs, device)
-        cache.pos = 2 * model.block_size  # every slot in use, as in steady state
+        for i in range(len(layers.layers)):
+            cache.buffers(i, batch_size, layers.n_head, layers.hs, device)
+        cache.pos = model.block_size - 3  # the ring full from the 4th step on, as in steady state
         times = []
-        for i in range(steps + 3):  # the first steps warm caches up (and compile): not counted
+        for _ in range(steps + 3):
             t0 = time.perf_counter()
             decoder.step(idx, cache)
             synchronize(device)

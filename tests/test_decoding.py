@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import play
 from config import make_config
 from models import (CompiledDecoder, Decoder, Int8Linear, KVCache, TinyGPT, pack_for_cpu_sampling,
                     quantize_for_cpu_sampling)
@@ -173,5 +173,7 @@ def test_the_compiled_decoder_writes_the_eager_text_across_the_window_in_a_batch
     x = torch.randint(VOCAB, (2, 20))
     with torch.no_grad():
         full, _ = model(x)
-    logits, _ = decoded_logits(model, CompiledDecoder(Decoder(model)).step, x, prompt_len=1)
+    compiled = CompiledDecoder(Decoder(model))
+    logits, _ = decoded_logits(model, compiled.step, x, prompt_len=1)
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert play.time_steps(model, compiled, 2, torch.device("cpu"), steps=3) > 0  # how play.py times it
