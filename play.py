@@ -9,14 +9,11 @@
 """
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -26,8 +23,9 @@ from tqdm import tqdm
 from config import MODELS
 from models import (CompiledDecoder, Decoder, KVCache, TinyGPT, pack_for_cpu_sampling,
                     quantize_for_cpu_sampling)
-from utils import (DEFAULT_WEIGHTS, DTYPES, SmollError, describe_device, get_device, load_model,
-                   plot_attention, read_text, resolve_dtype, synchronize)
+from utils import (DEFAULT_WEIGHTS, DTYPES, SmollError, decisions_path, describe_device, get_device,
+                   load_model, plot_attention, read_decisions, read_text, resolve_dtype, synchronize,
+                   write_decisions)
 
 INTERACTIVE_HELP = """\
 Type a prompt and press Enter: the model continues it. An empty line starts from scratch.
@@ -140,32 +138,6 @@ def decision_key(model, config, device, batch_size):
             f"| vocab {vocab} | batch {batch_size}")
 
 
-def decisions_path():
-    """Where timings are kept: $SMOLL_CACHE_DIR, or ~/.cache/smoll."""
-    folder = os.environ.get("SMOLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "smoll")
-    return os.path.join(folder, "sampling_paths.json")
-
-
-def read_decisions(path):
-    """The stored timings, or {} when there are none or they cannot be read (then they are remade)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            decisions = json.load(f)
-        return decisions if isinstance(decisions, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def write_decisions(path, decisions):
-    """Store the timings atomically; a cache that cannot be written only costs the next run time."""
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(decisions, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-
-
 def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_chars=500, batch_size=1,
                        log=None):
     """Time the candidate paths (or read their timings from the cache), and return the fastest
@@ -173,7 +145,7 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
     if not isinstance(model, TinyGPT):  # the Bigram is one table lookup: nothing to choose
         path = SamplingPath(dtype_flag if dtype_flag != "auto" else "float32")
         return (path, *prepare_path(model, path, device), f"{path} (a Bigram has one path)")
-    key, store = decision_key(model, config, device, batch_size), decisions_path()
+    key, store = decision_key(model, config, device, batch_size), decisions_path("sampling_paths.json")
     decisions = read_decisions(store)
     known = decisions.get(key, {})
     timings = {}  # path -> seconds per step

@@ -37,8 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
-from models import build_model
+from models import TinyGPT, build_model
 from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, CharTokenizer, SmollError, atomic_save,
+                   decisions_path, read_decisions, write_decisions,
                    autocast, describe_device, eval_loss, get_batch, get_device, git_commit,
                    load_checkpoint, load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint,
                    split_data, synchronize, to_cpu)
@@ -299,6 +300,7 @@ class Run:
     backup: str = None  # where an earlier checkpoint at out_path was kept
     eval_seconds: float = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
     compiled: bool = False  # whether train_model runs through torch.compile
+    eager_model: torch.nn.Module = None  # train_model before torch.compile, to fall back to
     time_before: float = 0.0  # training seconds of earlier sessions of a resumed run
     t_start: float = 0.0  # when this session's clock started: before the data, the model and the warm-up
     t_loop: float = 0.0  # when its training loop started, after the warm-up (for tokens/s)
@@ -410,6 +412,7 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
             r.train_model = DistributedDataParallel(model, forward_sync_buffers=False)
         except TypeError:  # PyTorch before 2.13 names the same setting broadcast_buffers
             r.train_model = DistributedDataParallel(model, broadcast_buffers=False)
+    r.eager_model = r.train_model
     r.compiled = should_compile(config, device)
     if r.compiled:
         # Fuses the step's small kernels. Checkpoints save `model`, the uncompiled module, so their
@@ -479,28 +482,25 @@ def warm_up(r):
     the first sets up or compiles, the second is timed), then one evaluation batch. The gradients
     are dropped and every RNG state is put back, so the run goes on exactly as without them.
 
-    torch.compile compiles the step here, for each shape of batch the run will take (two with
-    --seq_warmup). That time counts against --time_budget, but not against the tokens/s. The
-    timings give the run's estimate.
+    First the attention is chosen by timing (choose_attention). Then torch.compile compiles the
+    step, for each shape of batch the run will take (two with --seq_warmup). That time counts
+    against --time_budget, but not against the tokens/s. With --compile auto, a compiled step that
+    turns out no faster than the eager one is dropped. The timings give the run's estimate.
     Returns (seconds spent compiling, or 0; seconds an optimizer step takes; seconds an evaluation takes).
     """
     c = r.config
+    saved = rng_states(r.device, r.batch_rng)
+    eager_seconds = choose_attention(r)
     shapes = [batch_shape(r.step, c)] if r.compiled and r.step < c.seq_warmup else []
     shapes.append(batch_shape(c.seq_warmup, c))  # the full shape last: it times the step
-    saved = rng_states(r.device, r.batch_rng)
     compile_seconds = 0.0
     for batch_size, block_size in shapes:
-        x, y = get_batch(r.train_data, batch_size // c.grad_accum, block_size,
-                         torch.Generator().manual_seed(0), r.device)
-        times = []
-        for _ in range(2):
-            t = time.perf_counter()
-            with autocast(r.device, r.dtype):
-                _, loss = r.train_model(x, y)
-            loss.backward()
-            synchronize(r.device)
-            times.append(time.perf_counter() - t)
+        times = time_passes(r, r.train_model, batch_size, block_size)
         compile_seconds += times[0] - times[1]
+    if r.compiled and c.compile == "auto" and eager_seconds is not None and times[1] >= eager_seconds:
+        r.log(f"the compiled step ({1e3 * times[1]:.0f} ms) is no faster than the eager one "
+              f"({1e3 * eager_seconds:.0f} ms) here: training uncompiled")
+        r.train_model, r.compiled, times[1] = r.eager_model, False, eager_seconds
     for optimizer in r.optimizers:
         optimizer.zero_grad(set_to_none=True)
     set_rng_states(saved, r.device, r.batch_rng)
@@ -512,6 +512,65 @@ def warm_up(r):
     eval_seconds = 2 * c.eval_iters * (time.perf_counter() - t)
     r.model.train()
     return (compile_seconds if r.compiled else 0.0), times[1] * c.grad_accum, eval_seconds
+
+
+def time_passes(r, model, batch_size, block_size, passes=2):
+    """Seconds of each of `passes` forward and backward passes of model on one fixed micro-batch
+    of this shape. The first also sets up (or compiles); the gradients are left for the caller."""
+    x, y = get_batch(r.train_data, batch_size // r.config.grad_accum, block_size,
+                     torch.Generator().manual_seed(0), r.device)
+    times = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        with autocast(r.device, r.dtype):
+            _, loss = model(x, y)
+        loss.backward()
+        synchronize(r.device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def choose_attention(r):
+    """Time a full-length micro-batch with the written-out attention and with the fused kernel
+    (F.scaled_dot_product_attention), eagerly, and keep the faster for the run. Which wins depends
+    on the device, the precision and the sizes (README: Speed), and no CPU flag tells. The
+    choice is cached per machine, model shape and batch, like play.py's sampling path, so that
+    runs of the same config make the same one; a resumed run keeps its own. Returns the eager
+    pass's seconds with the chosen attention, or None where nothing was timed."""
+    if not isinstance(r.model, TinyGPT):
+        return None
+    c = r.config
+    key = (f"{describe_device(r.device)} | torch {torch.__version__} | {r.dtype} | layers {c.n_layer} "
+           f"x {c.n_embd}, {c.n_head} heads, qk_norm {c.qk_norm}, dropout {c.dropout} | vocab "
+           f"{r.tokenizer.vocab_size} | micro-batch {c.batch_size // c.grad_accum} x {c.block_size}")
+    store = decisions_path("training_choices.json")
+    decisions = read_decisions(store)
+    seconds = decisions.get(key, {}).get("pass_s")
+    if "attention" not in r.record and not seconds:
+        seconds = {}
+        for name in ("written-out", "sdpa"):
+            set_attention(r.model, name)
+            seconds[name] = time_passes(r, r.eager_model, *batch_shape(c.seq_warmup, c))[1]
+        decisions[key] = {"pass_s": seconds}
+        if r.rank == 0:
+            write_decisions(store, decisions)
+    choice = r.record.get("attention") or min(seconds, key=seconds.get)
+    if r.world_size > 1:  # every rank trains with rank 0's choice
+        shared = [choice]
+        dist.broadcast_object_list(shared, src=0)
+        choice = shared[0]
+    set_attention(r.model, choice)
+    r.record["attention"] = choice
+    if seconds:
+        r.log(f"attention: {choice} ({', '.join(f'{k} {1e3 * v:.0f} ms' for k, v in seconds.items())} "
+              f"a micro-batch, as timed on this machine)")
+    return seconds.get(choice) if seconds else None
+
+
+def set_attention(model, name):
+    """Run every attention layer of a TinyGPT through the fused kernel ("sdpa") or written out."""
+    for block in model.blocks:
+        block.attn.use_sdpa = name == "sdpa"
 
 
 def announce_estimate(r, step_seconds, eval_seconds):

@@ -208,6 +208,36 @@ def autocast(device, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# Choices timed on this machine (play.py's sampling path, train.py's attention), kept for next time
+
+
+def decisions_path(name):
+    """Where timings are kept: $SMOLL_CACHE_DIR/name, or ~/.cache/smoll/name."""
+    folder = os.environ.get("SMOLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "smoll")
+    return os.path.join(folder, name)
+
+
+def read_decisions(path):
+    """The stored timings, or {} when there are none or they cannot be read (then they are remade)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            decisions = json.load(f)
+        return decisions if isinstance(decisions, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_decisions(path, decisions):
+    """Store the timings atomically; a cache that cannot be written only costs the next run time."""
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(decisions, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
 # Text and tokenizer
 
 

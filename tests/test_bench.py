@@ -16,7 +16,7 @@ def test_bench_reports_training_and_sampling_with_the_reference(capsys):
                 "--batch_size", "4", "--train_steps", "2", "--sample_chars", "20",
                 "--reference_chars", "5", "--device", "cpu", "--dtype", "float32"])
     out = capsys.readouterr().out
-    for expected in ("device: ", "| torch ", "matmul peak (float32", "training (float32, eager, train.py's train_step):",
+    for expected in ("device: ", "| torch ", "matmul peak (float32", "training (float32, eager, ", "attention, train.py's train_step):",
                      "% of the matmul peak", "nanoGPT-style reference (float32, eager, same size):", "smoll trains",
                      "nanoGPT-style generate (float32, no cache):",
                      "smoll with the KV cache, float32:", "smoll with the KV cache, bfloat16:",
@@ -31,7 +31,7 @@ def test_bench_times_train_py_s_own_train_step(monkeypatch):
     config = make_config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4, seq_warmup=5,
                          device="cpu", dtype="float32", eval_iters=1)
     t = bench.bench_training(config, bench.get_device("cpu"), steps=2)
-    assert calls == [5, 5, 5]  # one warm-up and two timed steps, all past the sequence-length warmup
+    assert calls == [5, 5, 5]  # one untimed and two timed steps, all past the sequence-length warmup
     assert t["tokens_per_s"] == pytest.approx(4 * 16 / (t["ms_per_step"] / 1000))
 
 

@@ -334,3 +334,70 @@ def test_a_compiled_run_saves_plain_keys_and_matches_an_uncompiled_run(tmp_path,
     load_model(str(tmp_path / "compiled.pth"))
     for a, b in zip(eager["history"], compiled["history"]):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
+
+
+def fake_passes(monkeypatch, written_out, sdpa, compiled=None):
+    """time_passes with recorded seconds per pass: by the attention the model runs, or `compiled`
+    for a model that is not the run's eager one. Returns the list of what was timed."""
+    timed = []
+
+    def time_passes(r, model, batch_size, block_size, passes=2):
+        if model is not r.eager_model:
+            timed.append("compiled")
+            return [5.0, compiled]
+        name = "sdpa" if r.model.blocks[0].attn.use_sdpa else "written-out"
+        timed.append(name)
+        return [1.0, {"written-out": written_out, "sdpa": sdpa}[name]]
+
+    monkeypatch.setattr(train_script, "time_passes", time_passes)
+    return timed
+
+
+@pytest.mark.parametrize("written_out, sdpa, expected", [(0.04, 0.05, "written-out"), (0.06, 0.05, "sdpa")])
+def test_the_attention_is_chosen_by_timing_and_reused(written_out, sdpa, expected, tmp_path, tiny_config,
+                                                     tiny_text, monkeypatch, capsys):
+    monkeypatch.setenv("SMOLL_CACHE_DIR", str(tmp_path / "cache"))
+    timed = fake_passes(monkeypatch, written_out, sdpa)
+    out = tmp_path / "m.pth"
+    train(tiny_config, tiny_text, str(out), sample_chars=0)
+    assert sorted(timed[:2]) == ["sdpa", "written-out"] and timed[2:] == [expected]  # then the step, timed
+    assert f"attention: {expected}" in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)["run"]["attention"] == expected
+    timed.clear()
+    train(tiny_config, tiny_text, str(tmp_path / "again.pth"), sample_chars=0)
+    assert timed == [expected]  # the same config on the same machine: the cached timings decide
+    # a resumed run keeps the attention it was trained with, even if the machine now says otherwise
+    real_stop = train_script.stop_requested
+    monkeypatch.setattr(train_script, "stop_requested", lambda stop, step, *args: step == 13)
+    stopped = tmp_path / "stopped.pth"
+    assert train(tiny_config, tiny_text, str(stopped), sample_chars=0)["interrupted"] == 13
+    monkeypatch.setattr(train_script, "stop_requested", real_stop)
+    (tmp_path / "cache" / "training_choices.json").unlink()
+    timed = fake_passes(monkeypatch, sdpa, written_out)  # now the other attention looks faster
+    train(tiny_config, tiny_text, str(stopped), sample_chars=0, resume=True)
+    assert torch.load(stopped, weights_only=True)["run"]["attention"] == expected and timed == [expected]
+
+
+def test_a_compiled_step_no_faster_than_the_eager_one_is_dropped_unless_asked_for(
+        tmp_path, tiny_config, tiny_text, monkeypatch, capsys):
+    monkeypatch.setenv("SMOLL_CACHE_DIR", str(tmp_path / "cache"))
+    fake_passes(monkeypatch, 0.04, 0.05, compiled=0.06)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Wrapped(model))  # stands in for compiling
+    monkeypatch.setattr(train_script, "should_compile", lambda config, device: True)  # as for a long CPU run
+    train(tiny_config, tiny_text, str(tmp_path / "auto.pth"), sample_chars=0)
+    assert "the compiled step (60 ms) is no faster than the eager one (40 ms) here: training uncompiled" \
+        in capsys.readouterr().out
+    forced = make_config(**{**tiny_config.__dict__, "compile": "on"})
+    train(forced, tiny_text, str(tmp_path / "on.pth"), sample_chars=0)
+    assert "training uncompiled" not in capsys.readouterr().out
+
+
+class Wrapped(torch.nn.Module):
+    """The same model behind another module, as torch.compile returns it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model(*args)
