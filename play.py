@@ -11,6 +11,7 @@
 import argparse
 import copy
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -98,7 +99,8 @@ def prepare_path(model, path, device):
     if not isinstance(model, TinyGPT):
         return model, None
     decoder = Decoder(model)
-    if path.compiled:
+    if path.compiled:  # PyTorch caches compiled code in /tmp unless told; beside the timings it outlives a reboot
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(decisions_path("x")), "inductor"))
         decoder = CompiledDecoder(decoder, mode=compile_mode(device))
     return model, decoder
 
