@@ -39,7 +39,7 @@ from tqdm import tqdm
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
 from models import TinyGPT, build_model
 from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, CharTokenizer, SmollError, atomic_save,
-                   decisions_path, read_decisions, write_decisions,
+                   check_writable, decisions_path, read_decisions, write_decisions, writing,
                    autocast, describe_device, eval_loss, get_batch, get_device, git_commit,
                    load_checkpoint, load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint,
                    split_data, synchronize, to_cpu)
@@ -152,18 +152,30 @@ def keep_previous(path):
     if not os.path.exists(path):
         return None
     backup = os.path.splitext(path)[0] + ".prev.pth"
-    shutil.copy2(path, backup + ".tmp")
-    os.replace(backup + ".tmp", backup)
+    with writing(backup), removed_on_failure(backup + ".tmp"):
+        shutil.copy2(path, backup + ".tmp")
+        os.replace(backup + ".tmp", backup)
     return backup
 
 
 def write_history_csv(history, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    with writing(path), removed_on_failure(path + ".tmp"):
+        with open(path + ".tmp", "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp):
+    """Delete the temp file tmp if the block fails, so a failed write leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class StopFlag:
@@ -222,6 +234,7 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
     full_eval. Returns a dict of the run's figures.
     """
     out_path = out_path or DEFAULT_WEIGHTS[config.model]
+    check_writable(out_path)  # a run that cannot save should stop now, not at its first checkpoint
     state = None
     if resume:
         try:

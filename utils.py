@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict
 
@@ -212,9 +213,10 @@ def autocast(device, dtype):
 
 
 def decisions_path(name):
-    """Where timings are kept: $SMOLL_CACHE_DIR/name, or ~/.cache/smoll/name."""
-    folder = os.environ.get("SMOLL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "smoll")
-    return os.path.join(folder, name)
+    """Where timings are kept: in $SMOLL_CACHE, or in smoll's folder of the user's cache
+    ($XDG_CACHE_HOME/smoll or ~/.cache/smoll), the same folders as the token files."""
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.environ.get("SMOLL_CACHE") or os.path.join(home, "smoll"), name)
 
 
 def read_decisions(path):
@@ -246,7 +248,7 @@ def read_text(path, flag="--data"):
     if not os.path.isfile(path):
         raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
     try:
-        with open(path, encoding="utf-8") as f:
+        with reading(path, flag), open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError:
         raise SmollError(f"'{path}' is not UTF-8 text: convert it first, for example with "
@@ -302,6 +304,8 @@ class CharTokenizer:
 # cached in .smoll_cache/ beside the text (or in ~/.cache/smoll/ when that folder is read-only;
 # the SMOLL_CACHE environment variable names another folder) under the text's SHA-256, so an
 # edited text is never trained from a stale cache. Deleting the folder is always safe.
+# A cached file is checked each time it is opened (check_token_file): one that does not match its
+# description or its text, or holds an id outside its vocabulary, is encoded again.
 
 CHUNK_BYTES = 1 << 24  # how much of the text is decoded at a time while encoding
 FULL_EVAL_CHARS = 1 << 18  # a validation split up to this size is scored whole; a larger one is sampled
@@ -328,22 +332,23 @@ def load_tokens(path, flag="--data", progress=True, min_count=1):
         raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
     if os.path.getsize(path) == 0:
         raise SmollError(f"'{path}' is empty: give {flag} a file with some text in it.")
-    digest = file_sha256(path)
+    with reading(path, flag):
+        digest = file_sha256(path)
     name = f"{os.path.basename(path)}.{digest[:16]}"  # the whole vocabulary's token file
     merged = name + f".min{min_count}" if min_count > 1 else None  # the rare characters merged
-    if cached := find_cached(path, merged or name):
+    if cached := find_valid(path, merged or name, digest):
         return _open_token_file(cached)
     errors = []
     for folder in cache_dirs(path):  # the first folder that can be written to
         try:
             os.makedirs(folder, exist_ok=True)
-            meta_path = find_cached(path, name) or encode_to_token_file(path, folder, digest, progress)
+            meta_path = find_valid(path, name, digest) or encode_to_token_file(path, folder, digest, progress)
             if merged:
                 meta_path = merge_rare_characters(meta_path, min_count, os.path.join(folder, merged))
             return _open_token_file(meta_path)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
+                raise write_failure(folder, e, "SMOLL_CACHE") from None
             errors.append(f"{folder} ({e.strerror})")  # a read-only data folder: try the next one
     raise SmollError(f"no folder to cache the encoded text of '{path}' in could be written: "
                      f"{'; '.join(errors)}. Set SMOLL_CACHE to a writable folder.")
@@ -354,6 +359,72 @@ def find_cached(text_path, name):
     for folder in cache_dirs(text_path):
         if os.path.isfile(os.path.join(folder, name + ".json")):
             return os.path.join(folder, name + ".json")
+    return None
+
+
+def find_valid(text_path, name, digest):
+    """find_cached, but a cached token file that fails check_token_file is deleted, with one line
+    saying why, and None is returned: the caller encodes the text again."""
+    meta_path = find_cached(text_path, name)
+    if meta_path is None:
+        return None
+    problem = check_token_file(meta_path, digest)
+    if problem is None:
+        return meta_path
+    print(f"the cached token file '{meta_path[:-len('.json')]}.bin' {problem}: encoding "
+          f"'{text_path}' again", file=sys.stderr)
+    for stale in (meta_path, meta_path[:-len(".json")] + ".bin"):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+    return None
+
+
+TOKEN_DTYPES = ("uint8", "uint16", "uint32")
+SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 64, 1 << 16  # what sample_digest reads: 4 MiB at most
+
+
+def sample_digest(path):
+    """SHA-256 of the whole file up to 4 MiB; past that, of 64 blocks of 64 KiB spread evenly
+    over it, the first and the last included. Cheap for a gigabyte, and it sees a file cut short,
+    padded, or damaged in any of the blocks it reads."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLED_BLOCKS * SAMPLED_BLOCK_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(SAMPLED_BLOCKS):
+                f.seek(i * (size - SAMPLED_BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
+                digest.update(f.read(SAMPLED_BLOCK_BYTES))
+    return digest.hexdigest()
+
+
+def check_token_file(meta_path, text_digest):
+    """None if the cached NAME.json and NAME.bin are whole and belong to the text whose SHA-256
+    is text_digest; otherwise what is wrong with them, as words for a message."""
+    bin_path = meta_path[:-len(".json")] + ".bin"
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        n_ids, dtype, vocab = meta["n_ids"], meta["dtype"], meta["vocab"]
+        if not (isinstance(n_ids, int) and n_ids > 0 and dtype in TOKEN_DTYPES and isinstance(vocab, list)
+                and vocab and all(isinstance(ch, str) and len(ch) == 1 for ch in vocab)):
+            return "has a description that does not make sense"
+        if meta["sha256"] != text_digest:
+            return "was made from another version of the text"
+        if "sample_sha256" not in meta:
+            return "was written by an older smoll, without the check it now needs"
+        size = os.path.getsize(bin_path)
+        if size != n_ids * np.dtype(dtype).itemsize:
+            return f"is {size:,} bytes long where its description says {n_ids * np.dtype(dtype).itemsize:,}"
+        if sample_digest(bin_path) != meta["sample_sha256"]:
+            return "is not what was written (its bytes have changed)"
+        ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_ids,))
+        top = max(int(ids[i:i + CHUNK_BYTES].max()) for i in range(0, n_ids, CHUNK_BYTES))
+        if top >= len(vocab):
+            return f"holds the id {top}, outside its vocabulary of {len(vocab)}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"cannot be read ({e.__class__.__name__}: {e})"
     return None
 
 
@@ -384,6 +455,7 @@ def _write_token_file(stem, meta, pieces):
         with os.fdopen(fd, "wb") as f:
             for ids in pieces:
                 f.write(ids.tobytes())
+        meta = {**meta, "sample_sha256": sample_digest(tmp_bin)}  # checked each time it is opened
         fd, tmp_meta = temp_file(folder, ".json")
         temps.append(tmp_meta)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -395,6 +467,8 @@ def _write_token_file(stem, meta, pieces):
             raise SmollError(f"the disk is full: '{folder}' has no room for the encoded text of "
                              f"'{meta['source']}'. Free some space, or set SMOLL_CACHE to a folder on "
                              f"a disk with room.") from None
+        if e.errno in (errno.EFBIG, errno.EDQUOT, errno.EIO):
+            raise write_failure(stem + ".bin", e, "SMOLL_CACHE") from None
         raise
     finally:
         for tmp in temps:
@@ -476,7 +550,7 @@ def _code_points(path, bar, digest=None):
     Line endings become "\n", as when Python reads a text file: "\r\n" (Windows) and "\r".
     """
     offset, carry = 0, b""
-    with open(path, "rb", buffering=0) as f:  # unbuffered: each read sees the file as it is now
+    with reading(path), open(path, "rb", buffering=0) as f:  # unbuffered: each read sees the file as it is now
         while raw := f.read(CHUNK_BYTES):
             if digest is not None:
                 digest.update(raw)
@@ -615,6 +689,67 @@ def eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.
 
 
 # ----------------------------------------------------------------------------------------------
+# Files that cannot be written: one sentence that names the file, the cause and the fix
+
+WRITE_FAILURES = {  # errno -> (what happened, what to do)
+    errno.ENOSPC: ("the disk is full", "free some space, or write to another disk"),
+    errno.EDQUOT: ("the disk quota is used up", "free some space, or write to another disk"),
+    errno.EFBIG: ("the file would grow past the largest size this system allows",
+                  "raise the limit (`ulimit -f`), or write to another disk"),
+    errno.EACCES: ("permission denied", "write to a folder you may write to"),
+    errno.EPERM: ("the system does not allow writing there", "write to another folder"),
+    errno.EROFS: ("the file system is read-only", "write to another disk"),
+    errno.EISDIR: ("a folder has that name", "pick a file name that is free"),
+    errno.ENOTDIR: ("a file stands where one of its folders should be", "pick another path"),
+    errno.EEXIST: ("a file stands where one of its folders should be", "pick another path"),
+    errno.ENOENT: ("its folder does not exist and cannot be made (a missing drive?)", "pick another path"),
+    errno.EIO: ("the disk reported an error", "check the disk, or write to another one"),
+}
+
+
+def write_failure(path, error, flag=None):
+    """A SmollError for an OSError met while writing path: the file, the cause and a fix."""
+    cause, fix = WRITE_FAILURES.get(error.errno, (error.strerror or str(error), "write somewhere else"))
+    source = f" (the path comes from {flag})" if flag else ""
+    return SmollError(f"could not write '{path}': {cause}; {fix}{source}. Files written before are unchanged.")
+
+
+@contextlib.contextmanager
+def writing(path, flag=None):
+    """Turn an OSError raised while writing path into write_failure's sentence."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, (BrokenPipeError, ConnectionError)):
+            raise
+        raise write_failure(path, e, flag) from None
+
+
+@contextlib.contextmanager
+def reading(path, flag=None):
+    """Turn an OSError raised while reading path (a disk error, a file that vanished) into one sentence."""
+    try:
+        yield
+    except OSError as e:
+        source = f" (the path comes from {flag})" if flag else ""
+        raise SmollError(f"could not read '{path}': {e.strerror or e}{source}. Check the disk, or "
+                         f"copy the file somewhere else.") from None
+
+
+def check_writable(path, flag="--out"):
+    """Make sure a file can be written at path before any work is done: its folder exists or can
+    be made, path is not a folder, and a file can be created there. Raises write_failure's error."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with writing(path, flag):
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
+        os.close(fd)
+        os.remove(probe)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
 # A checkpoint is one dict of plain types and tensors, so it loads with weights_only=True:
 #   model_state  the state_dict; float16 in the best checkpoint to halve the file (loading casts
@@ -640,21 +775,23 @@ def temp_file(folder, suffix):
 def atomic_save(obj, path):
     """torch.save into a temp file beside path, then rename over it.
 
-    A crash or Ctrl-C mid-write leaves the old file untouched, never a half-written one.
+    A crash, a full disk or Ctrl-C mid-write leaves the old file untouched, never a half-written
+    one; a write that fails raises write_failure's SmollError.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = temp_file(folder, ".pth")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with writing(path):
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = temp_file(folder, ".pth")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic on POSIX and Windows
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def to_cpu(obj):
@@ -756,8 +893,27 @@ def plot_history(history, path, title=""):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
+
+
+def save_figure(plt, fig, path):
+    """Save a figure (its format from path's extension, PNG without one) through a temp file
+    renamed into place, so a failed write leaves any earlier picture whole; close it whatever happens."""
+    folder = os.path.dirname(os.path.abspath(path))
+    kind = os.path.splitext(path)[1][1:].lower() or "png"
+    try:
+        with writing(path):
+            fd, tmp = temp_file(folder, "." + kind)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fig.savefig(f, format=kind)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+    finally:
+        plt.close(fig)
 
 
 def plot_attention(maps, chars, path, title=""):
@@ -779,5 +935,4 @@ def plot_attention(maps, chars, path, title=""):
             ax.set_yticks(range(T), labels, fontsize=7)
             ax.set_title(f"layer {layer + 1}, head {head + 1}", fontsize=9)
     fig.suptitle(title)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)

@@ -13,9 +13,9 @@ from config import make_config  # noqa: E402
 
 SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
 
-# play.py caches its timings of the sampling paths: keep the suite's (and its subprocesses') apart
-# from the user's own cache in ~/.cache/smoll.
-os.environ["SMOLL_CACHE_DIR"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
+# play.py and train.py cache their timings (and token files of read-only folders) in the user's
+# cache folder: keep the suite's, and its subprocesses', apart from the user's own ~/.cache/smoll.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def tiny():
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("SMOLL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SMOLL_CACHE", str(tmp_path))
     return tmp_path
 
 
@@ -161,7 +161,7 @@ def test_a_damaged_decision_file_is_remade(cache_dir, monkeypatch):
 def test_an_unwritable_cache_folder_costs_only_the_next_runs_time(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    monkeypatch.setenv("SMOLL_CACHE_DIR", str(blocker / "sub"))  # a folder inside a file: cannot exist
+    monkeypatch.setenv("SMOLL_CACHE", str(blocker / "sub"))  # a folder inside a file: cannot exist
     model, config = tiny()
     fake_timer(monkeypatch, AMD_EPYC)
     path, *_ = pick_sampling_path(model, config, CPU, eager=True)

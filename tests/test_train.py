@@ -356,7 +356,7 @@ def fake_passes(monkeypatch, written_out, sdpa, compiled=None):
 @pytest.mark.parametrize("written_out, sdpa, expected", [(0.04, 0.05, "written-out"), (0.06, 0.05, "sdpa")])
 def test_the_attention_is_chosen_by_timing_and_reused(written_out, sdpa, expected, tmp_path, tiny_config,
                                                      tiny_text, monkeypatch, capsys):
-    monkeypatch.setenv("SMOLL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SMOLL_CACHE", str(tmp_path / "cache"))
     timed = fake_passes(monkeypatch, written_out, sdpa)
     out = tmp_path / "m.pth"
     train(tiny_config, tiny_text, str(out), sample_chars=0)
@@ -380,7 +380,7 @@ def test_the_attention_is_chosen_by_timing_and_reused(written_out, sdpa, expecte
 
 def test_a_compiled_step_no_faster_than_the_eager_one_is_dropped_unless_asked_for(
         tmp_path, tiny_config, tiny_text, monkeypatch, capsys):
-    monkeypatch.setenv("SMOLL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SMOLL_CACHE", str(tmp_path / "cache"))
     fake_passes(monkeypatch, 0.04, 0.05, compiled=0.06)
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Wrapped(model))  # stands in for compiling
     monkeypatch.setattr(train_script, "should_compile", lambda config, device: True)  # as for a long CPU run
