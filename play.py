@@ -389,7 +389,7 @@ def play(args):
         report = f"{path} (--dtype auto means float32 here)"
     else:
         path, model, decoder, report = pick_sampling_path(
-            model, config, device, args.dtype, args.eager, args.length * (1 if args.interactive else 1),
+            model, config, device, args.dtype, args.eager, args.length,
             args.num_samples, log=lambda line: print(line, file=sys.stderr) if args.verbose else None)
     if args.verbose:
         print(f"[sampling path: {report}]", file=sys.stderr)

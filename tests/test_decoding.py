@@ -177,3 +177,15 @@ def test_the_compiled_decoder_writes_the_eager_text_across_the_window_in_a_batch
     logits, _ = decoded_logits(model, compiled.step, x, prompt_len=1)
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
     assert play.time_steps(model, compiled, 2, torch.device("cpu"), steps=3) > 0  # how play.py times it
+
+
+@pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),
+                    reason="torch.compile needs a C++ compiler for CPU code")
+def test_one_compiled_decoder_serves_prompt_after_prompt():
+    """The interactive mode reuses one decoder for every prompt, each with a fresh cache."""
+    model = random_model(n_layer=1, **RECIPE)
+    compiled, eager = CompiledDecoder(Decoder(model)), Decoder(model)
+    for length in (12, 3):  # a long answer, then a short one that must not see the first one's slots
+        prompt = torch.randint(VOCAB, (1, 2))
+        assert torch.equal(model.generate(prompt, length, temperature=0, decoder=compiled),
+                           model.generate(prompt, length, temperature=0, decoder=eager))
