@@ -25,15 +25,25 @@ import torch.nn.functional as F
 # Sampling, shared by both models
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick the next id for each row of logits (B, vocab). Returns ids of shape (B, 1).
 
-    temperature 0 is greedy (argmax). top_k keeps the k most likely ids; top_p keeps the smallest
-    set of ids whose probabilities add up to at least p ("nucleus sampling"). They compose: top_k
-    first, then top_p on what is left.
+    temperature 0 is greedy (argmax). Otherwise the id is drawn from softmax(filter_logits(...)),
+    from generator if one is given (else PyTorch's global random state).
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    probs = F.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)  # (B, V)
+    if probs.device.type == "mps":  # MPS's multinomial can pick an id of probability 0: draw on the CPU
+        return torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(probs.device)  # (B, 1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """The logits (B, vocab) that sampling draws from, as float32: divided by the temperature
+    (> 0), then -inf for every id outside the top_k likeliest and outside the smallest set whose
+    probabilities add up to at least top_p ("nucleus sampling"). top_k first, then top_p on what
+    is left. The explorer draws softmax of these beside softmax of the raw logits."""
     logits = logits.float() if temperature == 1 else logits.float() / temperature  # (B, V)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
@@ -45,10 +55,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (B, V)
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)  # undo the sort
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    if probs.device.type == "mps":  # MPS's multinomial can pick an id of probability 0: draw on the CPU
-        return torch.multinomial(probs.cpu(), num_samples=1).to(probs.device)  # (B, 1)
-    return torch.multinomial(probs, num_samples=1)  # (B, 1)
+    return logits
 
 
 class KVCache:
@@ -109,7 +116,7 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()  # (not inference_mode: its tensors cannot enter a compiled step)
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-               decoder=None):
+               decoder=None, generator=None):
         """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
 
         use_cache=True runs only the new character through the model at each step (see KVCache).
@@ -117,6 +124,7 @@ class LanguageModel(nn.Module):
         forward pass over all of the text that can still reach the prediction. The tests check
         that the two give the same text, within the window and past it. Dropout is off while sampling.
         decoder (a Decoder of this model, or None) runs the characters after the prompt in fewer calls.
+        generator (a torch.Generator) draws the samples instead of PyTorch's global random state.
 
         The lecture code's decoder reruns only the last block_size characters. That is the same
         thing while the text fits in the window. Past it, cropping is not a cache-free version of
@@ -138,7 +146,7 @@ class LanguageModel(nn.Module):
                 else:  # a long prompt goes in window-sized pieces; after it, one id at a time
                     for piece in unseen.split(self.block_size, dim=1):
                         logits, _ = self(piece, cache=cache)  # (B, <=block_size, V)
-                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
                 if cache is None:
                     idx = torch.cat([idx, next_id], dim=1)  # (B, T+1)
                 unseen = next_id
