@@ -151,8 +151,9 @@ def bench_sampling(config, device, path, chars):
         return None
     model, decoder = prepared
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
-    steps = model.stream(prompt, chars + 1, decoder=decoder)
-    next(steps)  # the prompt itself is not timed: from here on, every step is past the window
+    steps = model.stream(prompt, chars + 4, decoder=decoder)
+    for _ in range(4):  # the prompt, then 3 steps that warm up (and compile): not timed
+        next(steps)  # from here on, every step is past the window
     synchronize(device)
     t0 = time.perf_counter()
     for _ in steps:
