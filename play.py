@@ -694,7 +694,7 @@ def play(args):
     if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
         path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
         model, decoder = prepare_path(model, path, device) or prepare_path(model, SamplingPath("bfloat16"), device)
-        report = f"{path} (--dtype auto means float32 here)"
+        report = f"{path} ({'--dtype auto means float32 here' if args.dtype == 'auto' else 'as --dtype asks'})"
     else:
         path, model, decoder, report = pick_sampling_path(
             model, config, device, args.dtype, args.eager, args.length,
