@@ -548,9 +548,10 @@ def choose_attention(r):
     (F.scaled_dot_product_attention), eagerly, and keep the faster for the run. Which wins depends
     on the device, the precision and the sizes (README: Speed), and no CPU flag tells. The
     choice is cached per machine, model shape and batch, like play.py's sampling path, so that
-    runs of the same config make the same one; a resumed run keeps its own. Returns the eager
-    pass's seconds with the chosen attention, or None where nothing was timed."""
-    if not isinstance(r.model, TinyGPT):
+    runs of the same config make the same one; a resumed run keeps its own. Under torchrun the
+    ranks keep the default (models.py's use_sdpa = None) rather than time apart and disagree.
+    Returns the eager pass's seconds with the chosen attention, or None where nothing was timed."""
+    if not isinstance(r.model, TinyGPT) or r.world_size > 1:
         return None
     c = r.config
     key = (f"{describe_device(r.device)} | torch {torch.__version__} | {r.dtype} | layers {c.n_layer} "
@@ -565,13 +566,8 @@ def choose_attention(r):
             set_attention(r.model, name)
             seconds[name] = time_passes(r, r.eager_model, *batch_shape(c.seq_warmup, c))[1]
         decisions[key] = {"pass_s": seconds}
-        if r.rank == 0:
-            write_decisions(store, decisions)
+        write_decisions(store, decisions)
     choice = r.record.get("attention") or min(seconds, key=seconds.get)
-    if r.world_size > 1:  # every rank trains with rank 0's choice
-        shared = [choice]
-        dist.broadcast_object_list(shared, src=0)
-        choice = shared[0]
     set_attention(r.model, choice)
     r.record["attention"] = choice
     if seconds:

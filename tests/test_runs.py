@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,11 +129,21 @@ def test_training_and_playing_on_text_in_any_alphabet(tmp_path, capsys):
 
 def test_torchrun_with_two_gloo_processes_trains_and_saves_one_checkpoint(tmp_path, tiny_text):
     out = tmp_path / "ddp.pth"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(ROOT, "train.py"), "--data", tiny_text, "--out", str(out), *TINY_FLAGS,
-         "--grad_accum", "2"],  # DDP syncs the gradients after the second micro-batch only
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "train.py"), "--data", tiny_text, "--out", str(out), *TINY_FLAGS,
+               "--grad_accum", "2"]  # DDP syncs the gradients after the second micro-batch only
+    for attempt in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # In about 1 full-suite run in 10 on the 2-core machine, a gloo process aborted (SIGABRT)
+        # before any smoll code reported a problem; never in 23 runs of this test alone. One retry,
+        # for that abort only: any other failure, or two aborts, fails the test.
+        if result.returncode == 0 or "Signal 6 (SIGABRT)" not in result.stderr:
+            break
+        print(f"torchrun attempt {attempt + 1} aborted (SIGABRT):\n{result.stderr[-4000:]}")
+        for name in os.listdir(tmp_path):  # start the second attempt from the same empty folder
+            if name != "tiny.txt":
+                shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else (tmp_path / name).unlink()
     assert result.returncode == 0, result.stderr[-12000:]
     assert result.stdout.count("full validation loss") == 1  # only rank 0 reports
     assert sorted(os.listdir(tmp_path)) == [".smoll_cache", "ddp.csv", "ddp.last.pth", "ddp.png", "ddp.pth",
