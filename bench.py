@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
-from play import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path, time_steps
+from play import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path
 from train import batch_shape, setup_run, to_model_ids, train_step, warm_up
-from utils import (DEFAULT_DATA, SmollError, autocast, cpu_extensions, describe_device, get_device,
+from utils import (DEFAULT_DATA, SmollError, cpu_extensions, describe_device, get_device,
                    load_model, load_tokens, resolve_dtype, split_data, synchronize)
 
 VOCAB = 65  # Tiny Shakespeare's

@@ -231,12 +231,8 @@ def read_decisions(path):
 
 def write_decisions(path, decisions):
     """Store the timings atomically; a cache that cannot be written only costs the next run time."""
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(decisions, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+    with contextlib.suppress(SmollError), replaced_atomically(path, ".json", "w") as f:
+        json.dump(decisions, f, indent=1, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,19 +768,19 @@ def temp_file(folder, suffix):
     return fd, tmp
 
 
-def atomic_save(obj, path):
-    """torch.save into a temp file beside path, then rename over it.
-
-    A crash, a full disk or Ctrl-C mid-write leaves the old file untouched, never a half-written
-    one; a write that fails raises write_failure's SmollError.
-    """
+@contextlib.contextmanager
+def replaced_atomically(path, suffix, mode="wb", make_folder=True):
+    """A file to write in place of path: a temp file beside it, renamed over path once the block
+    ends. A crash, a full disk or Ctrl-C mid-write leaves the old file untouched, never a
+    half-written one, and no temp file behind; an OSError becomes write_failure's SmollError."""
     folder = os.path.dirname(os.path.abspath(path))
     with writing(path):
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = temp_file(folder, ".pth")
+        if make_folder:
+            os.makedirs(folder, exist_ok=True)
+        fd, tmp = temp_file(folder, suffix)
         try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
+            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX and Windows
@@ -792,6 +788,12 @@ def atomic_save(obj, path):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+
+def atomic_save(obj, path):
+    """torch.save into a temp file beside path, then rename over it (see replaced_atomically)."""
+    with replaced_atomically(path, ".pth") as f:
+        torch.save(obj, f)
 
 
 def to_cpu(obj):
@@ -899,19 +901,10 @@ def plot_history(history, path, title=""):
 def save_figure(plt, fig, path):
     """Save a figure (its format from path's extension, PNG without one) through a temp file
     renamed into place, so a failed write leaves any earlier picture whole; close it whatever happens."""
-    folder = os.path.dirname(os.path.abspath(path))
     kind = os.path.splitext(path)[1][1:].lower() or "png"
     try:
-        with writing(path):
-            fd, tmp = temp_file(folder, "." + kind)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    fig.savefig(f, format=kind)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
+        with replaced_atomically(path, "." + kind, make_folder=False) as f:
+            fig.savefig(f, format=kind)
     finally:
         plt.close(fig)
 

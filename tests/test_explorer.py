@@ -5,7 +5,6 @@ Debian's chromium and chromium-driver and the selenium package; without them it 
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
