@@ -43,6 +43,9 @@ class Config:
     min_lr_ratio: float = 0.1  # the decay ends at learning_rate * min_lr_ratio
     weight_decay: float = 0.1  # weight decay of the weight matrices (AdamW and Muon); gains get none
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 turns clipping off)
+    # --- distillation: only with --teacher ---
+    distill_weight: float = 0.5  # the loss is (1 - this) x cross-entropy + this x KL divergence to the teachers
+    distill_temperature: float = 1.0  # student and teacher logits are divided by this before they are compared
     # --- evaluation and bookkeeping ---
     eval_interval: int = 500  # estimate train/val loss every this many steps (and at the last)
     eval_iters: int = 200  # batches per loss estimate
@@ -92,6 +95,10 @@ class Config:
         for name in ("muon_lr", "logit_cap"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"--distill_weight must be in [0, 1], got {self.distill_weight}.")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"--distill_temperature must be positive, got {self.distill_temperature}.")
         if not 0 <= self.cooldown <= 1:
             raise ValueError(f"--cooldown must be in [0, 1], got {self.cooldown}.")
 

@@ -7,6 +7,7 @@
     rotary helpers   -> position information for TinyGPT (RoPE)
     causal_attention -> self-attention written out: softmax(QK^T / sqrt(d) + mask) V
     CausalSelfAttention, MLP, Block, TinyGPT -> a GPT-style decoder-only transformer
+    Ensemble, distillation_loss -> several trained models as one, and a student learning from them
     PackedLinear     -> sampling speed on a CPU: bfloat16 weights laid out once for oneDNN
 
 Both models share one interface: forward(idx, targets=None) -> (logits, loss), where idx holds
@@ -430,6 +431,56 @@ class TinyGPT(LanguageModel):
 def build_model(config, vocab_size):
     """The model named by config.model, freshly initialised."""
     return {"tinygpt": TinyGPT, "bigram": Bigram}[config.model](config, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several models as one, and one model that learns from several (README: Ensembles and distillation)
+
+
+class Ensemble(nn.Module):
+    """K trained models that predict together: their next-character distribution is the mean of the
+    members' distributions. Averaging probabilities, not logits, keeps what any one member is sure
+    of: a character that one member gives 0.6 and the others 0 still gets 0.6 / K.
+
+    forward returns log-probabilities where a model returns logits: log_softmax leaves them as they
+    are, so cross-entropy over them is the ensemble's loss, and eval_loss scores it like one model.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.block_size = min(m.block_size for m in members)
+
+    def log_probs(self, idx, temperature=1.0):
+        """idx (B, T) -> log of the members' mean probabilities (B, T, V), each member's logits
+        divided by temperature first."""
+        logps = torch.stack([F.log_softmax(m(idx)[0].float() / temperature, dim=-1)
+                             for m in self.members])  # (K, B, T, V)
+        return torch.logsumexp(logps, dim=0) - math.log(len(self.members))  # log(mean p), without underflow
+
+    def forward(self, idx, targets=None):
+        log_probs = self.log_probs(idx)
+        loss = None if targets is None else cross_entropy(log_probs, targets)
+        return log_probs, loss
+
+
+def distillation_loss(logits, targets, teacher_log_probs, weight, temperature=1.0):
+    """The loss of a student that learns from teachers as well as from the text (Hinton et al. 2015,
+    "Distilling the knowledge in a neural network"):
+
+        (1 - weight) * cross-entropy(student, true next characters)
+        + weight * temperature² * KL(teachers' distribution || student's distribution)
+
+    with both distributions softened by the temperature. The KL term tells the student how likely
+    every other character was, not only which one came. Its gradients shrink as 1/temperature²,
+    hence the factor. logits (B, T, V) are the student's; teacher_log_probs (B, T, V) come from
+    Ensemble.log_probs at the same temperature. With weight 0 this is exactly cross_entropy.
+    """
+    ce = cross_entropy(logits, targets)
+    student = F.log_softmax(logits.flatten(0, 1).float() / temperature, dim=-1)  # (B*T, V)
+    kl = F.kl_div(student, teacher_log_probs.flatten(0, 1).float(), log_target=True,
+                  reduction="batchmean")  # the mean over positions of sum_v p_teacher (log p_teacher - log p_student)
+    return (1 - weight) * ce + weight * temperature ** 2 * kl
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
     python train.py --preset cpu_10min                             # ... or in 10 minutes
     python train.py --resume --out models/mine.pth                 # continue an interrupted run
     python train.py --eval_only --weights models/tinygpt.pth       # score and compare checkpoints
+    python train.py --eval_only --weights a.pth b.pth --ensemble   # ... and all of them as one
+    python train.py --teacher a.pth b.pth --out models/student.pth # learn from their predictions
     torchrun --nproc_per_node 4 train.py     # data-parallel on 4 GPUs (or CPU processes)
 
 A run writes, beside --out NAME.pth:
@@ -37,10 +39,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
-from models import TinyGPT, build_model
+from models import Ensemble, TinyGPT, build_model, distillation_loss
 from utils import (DEFAULT_DATA, DEFAULT_WEIGHTS, FULL_EVAL_CHARS, CharTokenizer, SmollError, atomic_save,
                    check_writable, decisions_path, read_decisions, write_decisions, writing,
-                   autocast, describe_device, eval_loss, get_batch, get_device, git_commit,
+                   autocast, describe_device, eval_loss, file_sha256, get_batch, get_device, git_commit,
                    load_checkpoint, load_model, load_tokens, plot_history, resolve_dtype, save_checkpoint,
                    split_data, synchronize, to_cpu)
 
@@ -225,13 +227,15 @@ def setup_distributed(config):
 
 
 def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resume=False,
-          full_eval=False):
+          full_eval=False, teachers=None):
     """Train config.model on the text at data_path, saving as the module docstring says.
 
     With resume, continue the run whose state is in NAME.last.pth; config then only supplies the
-    device and dtype, the rest comes from the saved run. The final score covers the whole
-    validation split up to FULL_EVAL_CHARS characters, an even sample past that, or all of it with
-    full_eval. Returns a dict of the run's figures.
+    device and dtype, the rest comes from the saved run (its teachers too). The final score covers
+    the whole validation split up to FULL_EVAL_CHARS characters, an even sample past that, or all
+    of it with full_eval. teachers, a list of checkpoint paths, distils their averaged predictions
+    into the model (distillation_loss, with config.distill_weight and distill_temperature).
+    Returns a dict of the run's figures.
     """
     out_path = out_path or DEFAULT_WEIGHTS[config.model]
     check_writable(out_path)  # a run that cannot save should stop now, not at its first checkpoint
@@ -259,10 +263,12 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
             raise SmollError(str(e)) from None
     if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
+    if state is not None:
+        teachers = [t["path"] for t in state["run"].get("teachers", [])]
     rank, world_size, device = setup_distributed(config)
     try:
         result = _train(config, data_path, out_path, sample_chars, state, rank, world_size, device,
-                        full_eval)
+                        full_eval, teachers)
         if world_size > 1:
             dist.barrier()  # the ranks leave together, after rank 0 has scored and saved
         return result
@@ -314,6 +320,7 @@ class Run:
     eval_seconds: float = 0.0  # how long an evaluation takes: a timed run keeps this much for its last
     compiled: bool = False  # whether train_model runs through torch.compile
     eager_model: torch.nn.Module = None  # train_model before torch.compile, to fall back to
+    teachers: Ensemble = None  # with --teacher: the models whose averaged predictions it learns from
     time_before: float = 0.0  # training seconds of earlier sessions of a resumed run
     t_start: float = 0.0  # when this session's clock started: before the data, the model and the warm-up
     t_loop: float = 0.0  # when its training loop started, after the warm-up (for tokens/s)
@@ -332,13 +339,13 @@ class Run:
         return tokens * self.world_size / (time.perf_counter() - self.t_loop)
 
 
-def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval):
+def _train(config, data_path, out_path, sample_chars, state, rank, world_size, device, full_eval, teachers):
     """The training loop: set up, warm up, then step, evaluating and saving every eval_interval
     steps, until the last step, the end of the time budget or a Ctrl-C."""
     # The clock covers everything up to the last checkpoint: reading the data, building the model,
     # the warm-up (and compiling), training and evaluating. --time_budget counts all of it.
     t_start = time.perf_counter()
-    r = setup_run(config, data_path, out_path, state, rank, world_size, device)
+    r = setup_run(config, data_path, out_path, state, rank, world_size, device, teachers)
     r.time_before, r.t_start = r.record["train_time_s"], t_start
     compile_seconds, step_seconds, eval_seconds = warm_up(r)
     if compile_seconds:
@@ -386,8 +393,8 @@ def _train(config, data_path, out_path, sample_chars, state, rank, world_size, d
     return finish_run(r, interrupted, sample_chars, full_eval)
 
 
-def setup_run(config, data_path, out_path, state, rank, world_size, device):
-    """Data, model, optimizer and, with state, everything a resumed run picks up again."""
+def setup_run(config, data_path, out_path, state, rank, world_size, device, teachers=None):
+    """Data, model, optimizer, teachers and, with state, everything a resumed run picks up again."""
     dtype = resolve_dtype(config.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls for anything left in fp32
@@ -397,6 +404,8 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
         raise SmollError(f"'{data_path}' is not the text this run was trained on (its characters "
                          f"differ): resume with the same --data.")
     train_data, val_data = split_data(ids, config.block_size)
+    # Before the seeds are set: building the teachers draws random initial weights of its own.
+    ensemble, teacher_record = load_teachers(teachers, tokenizer, device, state) if teachers else (None, None)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = build_model(config, tokenizer.vocab_size).to(device)
@@ -418,6 +427,8 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
             eval_batches, model, model, optimizers, scaler, batch_rng, record, resumed=state is not None)
     if state is not None:
         restore_state(r, state)
+    if ensemble is not None:
+        r.teachers, r.record["teachers"] = ensemble, teacher_record
     # Under torchrun, DDP averages the gradients of all ranks during backward().
     # Its buffers are the constant rotary tables: equal on every rank, so no syncing at each step.
     if world_size > 1:
@@ -439,9 +450,45 @@ def setup_run(config, data_path, out_path, state, rank, world_size, device):
     r.log(f"{config.model}: {n_params / 1e6:.2f}M parameters | vocab {tokenizer.vocab_size} | "
           f"{len(train_data):,} train / {len(val_data):,} val characters | {record['device']} "
           f"{record['dtype']}" + (f" | {world_size} processes" if world_size > 1 else ""))
+    if r.teachers is not None:
+        r.log(f"distilling from {len(r.teachers.members)} teacher(s) (weight {config.distill_weight:g}, "
+              f"temperature {config.distill_temperature:g}), trained for "
+              f"{format_seconds(sum(t['train_time_s'] for t in r.record['teachers']))} in all")
     r.log(f"{'resuming at step ' + str(r.step) if state else 'saving the best checkpoint'} "
           f"to {os.path.relpath(out_path)}")
     return r
+
+
+def load_teachers(paths, tokenizer, device, state=None):
+    """The teachers as one Ensemble, frozen, and what the run records of each: its path, a hash of
+    the file (a resumed run must learn from the very same teachers) and how long it trained,
+    counting its own teachers, so that a distilled model's cost includes theirs."""
+    members, record = [], []
+    saved = {t["path"]: t for t in state["run"].get("teachers", [])} if state is not None else {}
+    for path in paths:
+        path = os.path.abspath(path)
+        digest = file_sha256(path) if os.path.isfile(path) else None
+        if path in saved and digest != saved[path]["sha256"]:
+            raise SmollError(f"the teacher '{os.path.relpath(path)}' this run learns from is "
+                             f"{'gone' if digest is None else 'not the file it was'}: put the same "
+                             f"checkpoint back there to resume.")
+        model, teacher_tokenizer, config = load_model(path, device, flag="--teacher")
+        if teacher_tokenizer.chars != tokenizer.chars:
+            raise SmollError(f"the teacher '{os.path.relpath(path)}' knows other characters than this "
+                             f"run's text: distil from models trained on the same --data.")
+        model.requires_grad_(False)
+        run = load_checkpoint(path, flag="--teacher").get("run", {})
+        seconds = run.get("train_time_s", 0.0) + sum(t["train_time_s"] for t in run.get("teachers", []))
+        members.append(model)
+        record.append({"path": path, "sha256": digest, "train_time_s": round(seconds, 1),
+                       "model": describe_config(config)})
+    return Ensemble(members).eval(), record
+
+
+def teacher_log_probs(r, x):
+    """The teachers' averaged predictions for x, softened by the distillation temperature."""
+    with torch.no_grad(), autocast(r.device, r.dtype):
+        return r.teachers.log_probs(x, r.config.distill_temperature)
 
 
 def should_compile(config, device):
@@ -535,6 +582,8 @@ def time_passes(r, model, batch_size, block_size, passes=2):
     times = []
     for _ in range(passes):
         t = time.perf_counter()
+        if r.teachers is not None:  # the teachers' passes are part of every step's time
+            teacher_log_probs(r, x)
         with autocast(r.device, r.dtype):
             _, loss = model(x, y)
         loss.backward()
@@ -616,8 +665,11 @@ def train_step(r, scale):
         # Under DDP, averaging the gradients across ranks once, after the last micro-batch, is enough.
         last = i == c.grad_accum - 1
         with contextlib.nullcontext() if last or r.world_size == 1 else r.train_model.no_sync():
+            teachers = teacher_log_probs(r, x_micro) if r.teachers is not None else None
             with autocast(r.device, r.dtype):
-                _, loss = r.train_model(x_micro, y_micro)
+                logits, loss = r.train_model(x_micro, y_micro)
+                if teachers is not None:
+                    loss = distillation_loss(logits, y_micro, teachers, c.distill_weight, c.distill_temperature)
             r.scaler.scale(loss / c.grad_accum).backward()  # each micro-batch is 1/grad_accum of the mean
         total += loss.detach() / c.grad_accum
     if c.grad_clip > 0:
@@ -744,19 +796,24 @@ def stop_requested(stop, step, world_size, device):
     return bool(flag.item())
 
 
-def eval_only(weights, data_path, device_name, full_eval=False):
-    """Print each checkpoint's run and its validation loss, side by side."""
+def eval_only(weights, data_path, device_name, full_eval=False, ensemble=False):
+    """Print each checkpoint's run and its validation loss, side by side; with ensemble, also the
+    loss of all of them predicting together (models.Ensemble: the mean of their probabilities)."""
     device = get_device(device_name)
     ids, text_tokenizer = load_tokens(data_path)
-    rows = []
+    max_chars = None if full_eval else FULL_EVAL_CHARS
+    rows, members = [], []
     for path in weights:
         model, tokenizer, config = load_model(path, device)
         checkpoint = load_checkpoint(path)
         _, val_data = split_data(ids, config.block_size)
         val_data = to_model_ids(val_data, text_tokenizer, tokenizer, data_path)
-        loss, n_scored = eval_loss(model, val_data, config.block_size, device=device,
-                                   max_chars=None if full_eval else FULL_EVAL_CHARS)
+        loss, n_scored = eval_loss(model, val_data, config.block_size, device=device, max_chars=max_chars)
         run = checkpoint.get("run", {})
+        teachers = run.get("teachers", [])
+        seconds = run.get("train_time_s")
+        if seconds is not None:
+            seconds += sum(t["train_time_s"] for t in teachers)
         rows.append({
             "checkpoint": os.path.relpath(path),
             "model": describe_config(config),
@@ -766,13 +823,15 @@ def eval_only(weights, data_path, device_name, full_eval=False):
             "trained on": f"{run.get('device', '?')} ({run.get('dtype', '?')}"
                           + (f", {run['world_size']} processes" if run.get("world_size", 1) > 1 else "")
                           + ")",
-            "training time": f"{run['train_time_s']:.0f} s" if "train_time_s" in run else "?",
+            "training time": "?" if seconds is None else f"{seconds:.0f} s" + (
+                f" ({run['train_time_s']:.0f} s + {len(teachers)} teacher(s))" if teachers else ""),
             "git commit": run.get("git_commit", "?"),
             "val loss estimate": f"{checkpoint['val_loss']:.4f}",
-            f"{scored_kind(n_scored, val_data)} val loss": f"{loss:.4f} nats/char",
-            "bits/char": f"{loss / math.log(2):.4f}",
-            "characters scored": f"{n_scored:,} of {len(val_data) - 1:,}",
+            **score_columns(loss, n_scored, val_data),
         })
+        members.append((model, tokenizer, seconds))
+    if ensemble:
+        rows.append(ensemble_row(members, ids, text_tokenizer, data_path, device, max_chars))
     note = ("every character counted once" if all("full val loss" in r for r in rows) else
             f"past {FULL_EVAL_CHARS:,} characters an even sample is scored; --full_eval scores all")
     print(f"validation loss over the last 10% of {os.path.relpath(data_path)} ({note}):")
@@ -781,6 +840,38 @@ def eval_only(weights, data_path, device_name, full_eval=False):
     for key in rows[0]:
         print((f"  {key:<{width}}  " + "  ".join(f"{r[key]:<{w}}" for r, w in zip(rows, columns))).rstrip())
     return rows
+
+
+def score_columns(loss, n_scored, val_data):
+    """The columns of eval_only's table that give a loss."""
+    return {f"{scored_kind(n_scored, val_data)} val loss": f"{loss:.4f} nats/char",
+            "bits/char": f"{loss / math.log(2):.4f}",
+            "characters scored": f"{n_scored:,} of {len(val_data) - 1:,}"}
+
+
+def ensemble_row(members, ids, text_tokenizer, data_path, device, max_chars):
+    """eval_only's column for the members predicting together. They must share a vocabulary; each
+    sees the context of the shortest, so the windows are that member's."""
+    models = [model for model, _, _ in members]
+    tokenizer = members[0][1]
+    if any(t.chars != tokenizer.chars for _, t, _ in members):
+        raise SmollError("--ensemble averages the members' predictions character by character, so they "
+                         "must know the same characters: pick checkpoints trained on the same text.")
+    together = Ensemble(models)
+    _, val_data = split_data(ids, together.block_size)
+    val_data = to_model_ids(val_data, text_tokenizer, tokenizer, data_path)
+    loss, n_scored = eval_loss(together, val_data, together.block_size, device=device, max_chars=max_chars)
+    seconds = [s for _, _, s in members]
+    blocks = sorted({m.block_size for m in models})
+    return {
+        "checkpoint": f"ensemble of {len(models)}",
+        "model": "mean of their probabilities" + (f", ctx {blocks[0]}" if len(blocks) > 1 else ""),
+        "parameters": format_count(sum(p.numel() for p in together.parameters())),
+        "step": "-", "trained on": "-",
+        "training time": "?" if None in seconds else f"{sum(seconds):.0f} s in all",
+        "git commit": "-", "val loss estimate": "-",
+        **score_columns(loss, n_scored, val_data),
+    }
 
 
 def to_model_ids(ids, text_tokenizer, model_tokenizer, data_path):
@@ -822,7 +913,7 @@ def build_parser():
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="a named set of overrides from config.py: `cpu` trains the best "
                              "TinyGPT a laptop CPU makes in 5 minutes (or --time_budget seconds), "
-                             "`cpu_10min` in 10, `cpu_30min` the shipped model in 30")
+                             "`cpu_10min` in 10, `cpu_30min` in 30, `cpu_60min` the shipped model in an hour")
     parser.add_argument("--data", default=DEFAULT_DATA,
                         help="UTF-8 text to train on; the first 90%% trains, the last 10%% validates "
                              "(default: dataset/tinyshakespeare.txt)")
@@ -839,6 +930,12 @@ def build_parser():
                              f"many past it)")
     parser.add_argument("--weights", nargs="+", help="checkpoint(s) to score with --eval_only "
                                                      "(default: the shipped weights of --model)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="with --eval_only and several --weights: also score them as one model "
+                             "that averages their next-character probabilities")
+    parser.add_argument("--teacher", nargs="+", metavar="WEIGHTS",
+                        help="checkpoint(s) to distil: the model also learns the mean of their "
+                             "predictions (see --distill_weight and --distill_temperature)")
     add_config_args(parser)
     return parser
 
@@ -847,10 +944,15 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.ensemble and not (args.eval_only and args.weights and len(args.weights) > 1):
+            parser.error("--ensemble scores several checkpoints together: use it with --eval_only "
+                         "--weights A.pth B.pth ...")
         if args.eval_only:
             eval_only(args.weights or [DEFAULT_WEIGHTS[args.model]], args.data, args.device or "auto",
-                      args.full_eval)
+                      args.full_eval, args.ensemble)
             return
+        if args.teacher and args.resume:
+            parser.error("--resume learns from the saved run's own teachers: drop --teacher.")
         if args.resume:
             fixed = [f"--{k}" for k, v in vars(args).items() if k in HYPERPARAMETERS and v is not None]
             if args.preset or fixed:
@@ -860,7 +962,8 @@ def main(argv=None):
             config = config_from_args(args)
         except ValueError as e:
             parser.error(str(e))
-        result = train(config, args.data, args.out, resume=args.resume, full_eval=args.full_eval)
+        result = train(config, args.data, args.out, resume=args.resume, full_eval=args.full_eval,
+                       teachers=args.teacher)
         if result.get("interrupted") is not None:
             sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     except SmollError as e:
