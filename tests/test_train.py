@@ -200,7 +200,7 @@ def test_config_layers_defaults_model_defaults_preset_and_overrides():
     cpu = make_config(preset="cpu", n_layer=5)
     assert cpu.n_layer == 5 and cpu.n_embd == 128  # the override beats the preset, the preset the default
     assert cpu.time_budget == 300 and make_config(preset="cpu_10min").time_budget == 600
-    assert make_config(preset="cpu_30min").n_layer == 6
+    assert make_config(preset="cpu_30min").n_layer == 6 and make_config(preset="cpu_60min").time_budget == 3600
 
 
 def test_on_off_flags_parse_both_ways():
