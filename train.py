@@ -829,7 +829,7 @@ def eval_only(weights, data_path, device_name, full_eval=False, ensemble=False):
             "val loss estimate": f"{checkpoint['val_loss']:.4f}",
             **score_columns(loss, n_scored, val_data),
         })
-        members.append((model, tokenizer, seconds))
+        members.append((model, tokenizer, file_sha256(path), run))
     if ensemble:
         rows.append(ensemble_row(members, ids, text_tokenizer, data_path, device, max_chars))
     note = ("every character counted once" if all("full val loss" in r for r in rows) else
@@ -852,23 +852,26 @@ def score_columns(loss, n_scored, val_data):
 def ensemble_row(members, ids, text_tokenizer, data_path, device, max_chars):
     """eval_only's column for the members predicting together. They must share a vocabulary; each
     sees the context of the shortest, so the windows are that member's."""
-    models = [model for model, _, _ in members]
+    models = [model for model, _, _, _ in members]
     tokenizer = members[0][1]
-    if any(t.chars != tokenizer.chars for _, t, _ in members):
+    if any(t.chars != tokenizer.chars for _, t, _, _ in members):
         raise SmollError("--ensemble averages the members' predictions character by character, so they "
                          "must know the same characters: pick checkpoints trained on the same text.")
     together = Ensemble(models)
     _, val_data = split_data(ids, together.block_size)
     val_data = to_model_ids(val_data, text_tokenizer, tokenizer, data_path)
     loss, n_scored = eval_loss(together, val_data, together.block_size, device=device, max_chars=max_chars)
-    seconds = [s for _, _, s in members]
+    # Training time in all: each member's own, and each teacher's that is not a member too, once.
+    seconds = {digest: run.get("train_time_s") for _, _, digest, run in members}
+    for _, _, _, run in members:
+        seconds.update({t["sha256"]: t["train_time_s"] for t in run.get("teachers", []) if t["sha256"] not in seconds})
     blocks = sorted({m.block_size for m in models})
     return {
         "checkpoint": f"ensemble of {len(models)}",
         "model": "mean of their probabilities" + (f", ctx {blocks[0]}" if len(blocks) > 1 else ""),
         "parameters": format_count(sum(p.numel() for p in together.parameters())),
         "step": "-", "trained on": "-",
-        "training time": "?" if None in seconds else f"{sum(seconds):.0f} s in all",
+        "training time": "?" if None in seconds.values() else f"{sum(seconds.values()):.0f} s in all",
         "git commit": "-", "val loss estimate": "-",
         **score_columns(loss, n_scored, val_data),
     }

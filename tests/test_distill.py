@@ -153,3 +153,16 @@ def test_a_resumed_run_refuses_a_changed_teacher_and_a_teacher_of_other_characte
     with pytest.raises(SmollError, match="knows other characters than this run's text"):
         train(make_config(**TINY), str(accents), str(tmp_path / "s2.pth"), sample_chars=0, teachers=[teacher])
     assert math.isfinite(torch.load(teacher, weights_only=True)["val_loss"])
+
+
+def test_training_time_counts_a_teacher_once(tmp_path, tiny_text, teacher, capsys):
+    student = str(tmp_path / "student.pth")
+    train(make_config(**{**TINY, "max_iters": 10}), tiny_text, student, sample_chars=0, teachers=[teacher])
+    own = {p: torch.load(p, weights_only=True)["run"]["train_time_s"] for p in (teacher, student)}
+    rows = train_script.eval_only([teacher, student], tiny_text, "cpu", ensemble=True)
+    total, rest = rows[1]["training time"].split(" s (")
+    assert float(total) == pytest.approx(own[teacher] + own[student], abs=1)
+    assert rest == f"{own[student]:.0f} s + 1 teacher(s))"
+    assert rows[2]["training time"].endswith(" s in all")
+    in_all = float(rows[2]["training time"].split()[0])
+    assert in_all == pytest.approx(own[teacher] + own[student], abs=1)  # not the teacher twice
