@@ -1,6 +1,7 @@
 """Shared fixtures. Run the suite from the repository root with `python -m pytest`."""
 
 import os
+import signal
 import sys
 import tempfile
 
@@ -16,6 +17,12 @@ SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
 # play.py and train.py cache their timings (and token files of read-only folders) in the user's
 # cache folder: keep the suite's, and its subprocesses', apart from the user's own ~/.cache/smoll.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
+
+
+def listen_to_ctrl_c():
+    """For subprocesses that a test stops with SIGINT: a shell's background job (`cmd &`, nohup)
+    starts its children with SIGINT ignored, and train.py then rightly keeps ignoring it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

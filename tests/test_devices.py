@@ -16,7 +16,7 @@ import torch
 
 import train as train_script
 import utils
-from conftest import ROOT
+from conftest import ROOT, listen_to_ctrl_c
 from config import make_config
 from models import TinyGPT, pack_for_cpu_sampling
 from train import last_path, setup_run, train, train_step
@@ -222,7 +222,8 @@ def test_ctrl_c_during_the_first_evaluation_stops_within_seconds(tmp_path, tiny_
     flags = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "128", "--batch_size", "64",
              "--eval_iters", "1000", "--device", "cpu", "--dtype", "float32"]  # an evaluation of ~30 s
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_text,
-                             "--out", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--out", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=listen_to_ctrl_c)
     output = []
     reader = threading.Thread(target=lambda: output.extend(iter(lambda: os.read(proc.stdout.fileno(), 4096), b"")))
     reader.start()

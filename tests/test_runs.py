@@ -14,7 +14,7 @@ import torch
 import play
 import train as train_script
 import utils
-from conftest import ROOT
+from conftest import ROOT, listen_to_ctrl_c
 from config import make_config
 from train import last_path, train
 from utils import SmollError, load_model
@@ -86,7 +86,8 @@ def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tin
     flags = [f for f in TINY_FLAGS] + ["--max_iters", "100000", "--eval_interval", "20"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_text,
                              "--out", str(out), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, encoding="utf-8")
+                            stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            preexec_fn=listen_to_ctrl_c)
     deadline = time.time() + 120
     for line in proc.stdout:  # wait until the run has saved twice, then press Ctrl-C
         if "step    20" in line or time.time() > deadline:
