@@ -545,7 +545,8 @@ def warm_up(r):
     First the attention is chosen by timing (choose_attention). Then torch.compile compiles the
     step, for each shape of batch the run will take (two with --seq_warmup). That time counts
     against --time_budget, but not against the tokens/s. With --compile auto, a compiled step that
-    turns out no faster than the eager one is dropped. The timings give the run's estimate.
+    turns out no faster than the eager one is dropped. The timings, and the teachers' passes of a
+    distilled run, give the run's estimate.
     Returns (seconds spent compiling, or 0; seconds an optimizer step takes; seconds an evaluation takes).
     """
     c = r.config
@@ -571,7 +572,21 @@ def warm_up(r):
     synchronize(r.device)
     eval_seconds = 2 * c.eval_iters * (time.perf_counter() - t)
     r.model.train()
-    return (compile_seconds if r.compiled else 0.0), times[1] * c.grad_accum, eval_seconds
+    step_seconds = (times[1] + time_teachers(r)) * c.grad_accum
+    return (compile_seconds if r.compiled else 0.0), step_seconds, eval_seconds
+
+
+def time_teachers(r):
+    """Seconds the teachers take on a full-length micro-batch (the second of two passes), or 0."""
+    if r.teachers is None:
+        return 0.0
+    x, _ = get_batch(r.train_data, r.config.batch_size // r.config.grad_accum, r.config.block_size,
+                     torch.Generator().manual_seed(0), r.device)
+    for _ in range(2):
+        t = time.perf_counter()
+        teacher_log_probs(r, x)
+        synchronize(r.device)
+    return time.perf_counter() - t
 
 
 def time_passes(r, model, batch_size, block_size, passes=2):
@@ -582,8 +597,6 @@ def time_passes(r, model, batch_size, block_size, passes=2):
     times = []
     for _ in range(passes):
         t = time.perf_counter()
-        if r.teachers is not None:  # the teachers' passes are part of every step's time
-            teacher_log_probs(r, x)
         with autocast(r.device, r.dtype):
             _, loss = model(x, y)
         loss.backward()
