@@ -478,11 +478,18 @@ def load_teachers(paths, tokenizer, device, state=None):
                              f"run's text: distil from models trained on the same --data.")
         model.requires_grad_(False)
         run = load_checkpoint(path, flag="--teacher").get("run", {})
-        seconds = run.get("train_time_s", 0.0) + sum(t["train_time_s"] for t in run.get("teachers", []))
+        seconds = training_seconds(run) or 0.0
         members.append(model)
         record.append({"path": path, "sha256": digest, "train_time_s": round(seconds, 1),
                        "model": describe_config(config)})
     return Ensemble(members).eval(), record
+
+
+def training_seconds(run):
+    """A run's training time with its teachers' added in, from its record (None if it has none)."""
+    if "train_time_s" not in run:
+        return None
+    return run["train_time_s"] + sum(t["train_time_s"] for t in run.get("teachers", []))
 
 
 def teacher_log_probs(r, x):
@@ -824,9 +831,7 @@ def eval_only(weights, data_path, device_name, full_eval=False, ensemble=False):
         loss, n_scored = eval_loss(model, val_data, config.block_size, device=device, max_chars=max_chars)
         run = checkpoint.get("run", {})
         teachers = run.get("teachers", [])
-        seconds = run.get("train_time_s")
-        if seconds is not None:
-            seconds += sum(t["train_time_s"] for t in teachers)
+        seconds = training_seconds(run)
         rows.append({
             "checkpoint": os.path.relpath(path),
             "model": describe_config(config),
