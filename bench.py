@@ -29,10 +29,13 @@ import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
-from play import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path
-from train import batch_shape, setup_run, to_model_ids, train_step, warm_up
-from utils import (DEFAULT_DATA, SmollError, cpu_extensions, describe_device, get_device,
-                   load_model, load_tokens, resolve_dtype, split_data, synchronize)
+from devices import cpu_extensions, describe_device, get_device, resolve_dtype, synchronize
+from engine import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path
+from eval_table import to_model_ids
+from token_cache import load_tokens
+from train import setup_run, train_step
+from training_speed import warm_up
+from utils import DEFAULT_DATA, SmollError, batch_shape, load_model, split_data
 
 VOCAB = 65  # Tiny Shakespeare's
 

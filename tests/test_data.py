@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+import token_cache
 import play
 import utils
 from config import make_config
 from conftest import SHAKESPEARE
-from train import to_model_ids, train
-from utils import UNKNOWN, CharTokenizer, SmollError, eval_loss, eval_windows, load_tokens
+from eval_table import to_model_ids
+from train import train
+from token_cache import load_tokens
+from utils import UNKNOWN, CharTokenizer, SmollError, eval_loss, eval_windows
 
 # 1-, 2-, 3- and 4-byte UTF-8 characters, so that small reads split them every possible way
 MIXED = "To be, or not to be: café, naïve, Ελληνικά, 日本語の文章, emoji 🎭🐍!\n" * 40
@@ -33,7 +36,7 @@ def write(tmp_path, text, name="text.txt"):
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64, 1 << 24])
 def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(utils, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", chunk)
     ids, tokenizer = load_tokens(write(tmp_path, MIXED))
     whole = CharTokenizer.from_text(MIXED)
     assert tokenizer.chars == whole.chars
@@ -42,7 +45,7 @@ def test_chunked_encoding_equals_encoding_the_whole_text(tmp_path, monkeypatch, 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 24])
 def test_line_endings_become_newlines_as_when_python_reads_text(tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr(utils, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", chunk)
     text = "Windows\r\nold Mac\rUnix\nnaïve\r\n" * 20 + "\r"
     ids, tokenizer = load_tokens(write(tmp_path, text))
     assert tokenizer.decode(ids.tolist()) == text.replace("\r\n", "\n").replace("\r", "\n")
@@ -59,7 +62,7 @@ def test_tiny_shakespeare_keeps_its_vocabulary_and_ids():
 def test_a_second_load_reads_the_cache_without_encoding(tmp_path, monkeypatch):
     path = write(tmp_path, MIXED)
     first, _ = load_tokens(path)
-    monkeypatch.setattr(utils, "encode_to_token_file", lambda *a, **k: pytest.fail("encoded twice"))
+    monkeypatch.setattr(token_cache, "encode_to_token_file", lambda *a, **k: pytest.fail("encoded twice"))
     second, _ = load_tokens(path)
     assert isinstance(second, np.memmap) and np.array_equal(first, second)
 
@@ -158,14 +161,14 @@ def test_a_read_only_data_folder_falls_back_to_the_home_cache(tmp_path, monkeypa
     monkeypatch.delenv("SMOLL_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
     path = write(tmp_path, MIXED)
-    real_temp_file = utils.temp_file
+    real_temp_file = token_cache.temp_file
 
     def read_only_beside(folder, suffix):
         if folder == str(tmp_path / ".smoll_cache"):
             raise PermissionError(errno.EROFS, "Read-only file system")
         return real_temp_file(folder, suffix)
 
-    monkeypatch.setattr(utils, "temp_file", read_only_beside)
+    monkeypatch.setattr(token_cache, "temp_file", read_only_beside)
     ids, tokenizer = load_tokens(path)
     assert tokenizer.decode(ids.tolist()) == MIXED
     assert len(os.listdir(tmp_path / "home" / "smoll")) == 2  # NAME.HASH.bin and NAME.HASH.json
@@ -176,7 +179,7 @@ def test_a_read_only_data_folder_falls_back_to_the_home_cache(tmp_path, monkeypa
 
 
 def test_invalid_utf8_deep_in_the_text_names_its_byte_offset(tmp_path, monkeypatch, own_cache):
-    monkeypatch.setattr(utils, "CHUNK_BYTES", 1000)
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", 1000)
     path = tmp_path / "bad.txt"
     good = MIXED.encode("utf-8")
     path.write_bytes(good + b"\xff" + good)
@@ -190,23 +193,23 @@ def test_invalid_utf8_deep_in_the_text_names_its_byte_offset(tmp_path, monkeypat
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full to stand in for a full disk")
 def test_a_full_disk_while_writing_the_token_file(tmp_path, monkeypatch, own_cache):
-    real_temp_file = utils.temp_file
+    real_temp_file = token_cache.temp_file
 
     def full_disk(folder, suffix):
         fd, tmp = real_temp_file(folder, suffix)
         os.close(fd)
         return os.open("/dev/full", os.O_WRONLY), tmp  # every write fails with ENOSPC
 
-    monkeypatch.setattr(utils, "temp_file", full_disk)
+    monkeypatch.setattr(token_cache, "temp_file", full_disk)
     with pytest.raises(SmollError, match="disk is full.*SMOLL_CACHE"):
         load_tokens(write(tmp_path, MIXED * 100))
     assert os.listdir(own_cache) == []
 
 
 def test_a_text_that_changes_while_it_is_encoded(tmp_path, monkeypatch, own_cache):
-    monkeypatch.setattr(utils, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", 256)
     path = write(tmp_path, MIXED)
-    real_code_points = utils._code_points
+    real_code_points = token_cache._code_points
 
     def someone_writes_meanwhile(text_path, bar, digest=None):
         for i, codes in enumerate(real_code_points(text_path, bar, digest)):
@@ -216,7 +219,7 @@ def test_a_text_that_changes_while_it_is_encoded(tmp_path, monkeypatch, own_cach
                     f.write(b"?\n")
             yield codes
 
-    monkeypatch.setattr(utils, "_code_points", someone_writes_meanwhile)
+    monkeypatch.setattr(token_cache, "_code_points", someone_writes_meanwhile)
     with pytest.raises(SmollError, match="changed while it was being encoded: run again"):
         load_tokens(path)
     assert os.listdir(own_cache) == []

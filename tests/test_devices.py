@@ -14,13 +14,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import devices
 import train as train_script
 import utils
 from conftest import ROOT, listen_to_ctrl_c
 from config import make_config
-from models import TinyGPT, pack_for_cpu_sampling
+from engine import pack_for_cpu_sampling
+from models import TinyGPT
 from train import last_path, setup_run, train, train_step
-from utils import SmollError, cuda_problem, get_device, kernel_problem, pick_dtype, resolve_dtype
+from devices import cuda_problem, get_device, kernel_problem, pick_dtype, resolve_dtype
+from utils import SmollError
 
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 GPUS = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "H100": (9, 0), "RTX 3090": (8, 6)}
@@ -58,9 +61,9 @@ def test_auto_dtype_asks_about_the_chosen_gpu_not_the_current_one(fake_cuda):
 
 def test_auto_dtype_on_mps_and_on_cpus_with_and_without_bf16(monkeypatch):
     assert resolve_dtype("auto", torch.device("mps")) == torch.float32
-    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_fast_bf16", lambda: False)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16  # asked for, given
 
@@ -83,8 +86,8 @@ def test_kernel_compatibility_rules():
 def test_an_unusable_nvidia_gpu_stops_the_run_instead_of_training_on_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(utils, "nvidia_gpu_present", lambda: True)
-    monkeypatch.setattr(utils, "nvidia_driver_version", lambda: 535)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(devices, "nvidia_driver_version", lambda: 535)
     with pytest.raises(SmollError, match="CUDA 13.0, which needs NVIDIA driver 580.*has driver 535.*"
                                          "update the driver.*cu126.*--device cpu"):
         get_device("auto")
@@ -92,7 +95,7 @@ def test_an_unusable_nvidia_gpu_stops_the_run_instead_of_training_on_the_cpu(mon
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(SmollError, match="CPU-only build.*cuda13_requirements.txt"):
         get_device("cuda")
-    monkeypatch.setattr(utils, "nvidia_gpu_present", lambda: False)  # a laptop without a GPU
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: False)  # a laptop without a GPU
     assert get_device("auto") == torch.device("cpu")
     assert cuda_problem("12.6", 535, True) is None  # CUDA 12 runs on driver 525 and later
 
@@ -103,9 +106,9 @@ def test_the_nvidia_driver_version_is_read_from_the_kernel_module_line(tmp_path)
                       "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
     opened = tmp_path / "open"
     opened.write_text("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build\n")
-    assert utils.nvidia_driver_version(str(closed)) == 535
-    assert utils.nvidia_driver_version(str(opened)) == 580
-    assert utils.nvidia_driver_version(str(tmp_path / "none")) is None
+    assert devices.nvidia_driver_version(str(closed)) == 535
+    assert devices.nvidia_driver_version(str(opened)) == 580
+    assert devices.nvidia_driver_version(str(tmp_path / "none")) is None
 
 
 def test_mps_rng_state_is_saved_and_restored(monkeypatch):

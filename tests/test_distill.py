@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 import train as train_script
 from config import make_config
-from models import Ensemble, build_model, cross_entropy, distillation_loss
+from ensemble import Ensemble, distillation_loss
+from models import build_model, cross_entropy
 from train import last_path, train
-from utils import SmollError, eval_loss, load_model, load_tokens, split_data
+from token_cache import load_tokens
+from utils import SmollError, eval_loss, load_model, split_data
 
 TINY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, dropout=0.1, max_iters=30,
             eval_interval=10, eval_iters=2, device="cpu", dtype="float32")

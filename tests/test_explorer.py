@@ -14,16 +14,18 @@ import time
 import pytest
 import torch
 
+import explorer.server as explorer_server
+import engine
 import play
 from conftest import ROOT
 from models import filter_logits
-from utils import DEFAULT_WEIGHTS, load_model
+from utils import SHIPPED_WEIGHTS, load_model
 
 PROMPT = "ROMEO:"
 
 
 def start(explorer, handler=None):
-    server = play.make_server(explorer, "127.0.0.1", 0)
+    server = explorer_server.make_server(explorer, "127.0.0.1", 0)
     if handler is not None:
         server.RequestHandlerClass = type("Handler", (handler, server.RequestHandlerClass), {})
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -33,10 +35,10 @@ def start(explorer, handler=None):
 @pytest.fixture(scope="module")
 def shipped():
     """The shipped TinyGPT in float32 with its decoder, as `play.py --dtype float32` samples."""
-    model, tokenizer, config = load_model(DEFAULT_WEIGHTS["tinygpt"])
-    model, decoder = play.prepare_path(model, play.SamplingPath("float32"), torch.device("cpu"))
-    bigram = load_model(DEFAULT_WEIGHTS["bigram"])[0]
-    return play.Explorer(model, decoder, tokenizer, config, torch.device("cpu"), compare=("bigram", bigram))
+    model, tokenizer, config = load_model(SHIPPED_WEIGHTS["tinygpt"])
+    model, decoder = engine.prepare_path(model, engine.SamplingPath("float32"), torch.device("cpu"))
+    bigram = load_model(SHIPPED_WEIGHTS["bigram"])[0]
+    return explorer_server.Explorer(model, decoder, tokenizer, config, torch.device("cpu"), compare=("bigram", bigram))
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +93,14 @@ def test_next_gives_the_models_softmax_before_and_after_the_settings(server, shi
     after = torch.softmax(filter_logits(logits, 0.7, 10, 0.9), -1)[0]
     chars = shipped.tokenizer.chars
     probs = [c["prob"] for c in answer["candidates"]]
-    assert probs == sorted(probs, reverse=True) and len(probs) == play.CANDIDATES
+    assert probs == sorted(probs, reverse=True) and len(probs) == explorer_server.CANDIDATES
     for c in answer["candidates"]:
         i = chars.index(c["char"])
         assert c["raw_prob"] == pytest.approx(raw[i].item(), abs=2e-6)
         assert c["prob"] == pytest.approx(after[i].item(), abs=2e-6)
     assert sum(c["prob"] for c in answer["candidates"]) == pytest.approx(1, abs=1e-5)  # top_k 10 < 20
     torch.testing.assert_close(torch.tensor(answer["logits"]), logits[0], atol=1e-4, rtol=0)
-    assert answer["compare"]["name"] == "bigram" and len(answer["compare"]["candidates"]) == play.CANDIDATES
+    assert answer["compare"]["name"] == "bigram" and len(answer["compare"]["candidates"]) == explorer_server.CANDIDATES
 
 
 def test_attention_answers_the_maps_play_draws(server, shipped):
@@ -130,7 +132,7 @@ def test_generate_streams_the_text_play_py_writes_for_the_seed(server, capsys):
     ("/api/attention", {"text": "a", "layer": 6}, None, {}, 400, "'layer' must be between 0 and 5"),
     ("/api/next", None, b"{not json", {}, 400, "not JSON"),
     ("/api/next", None, b"[1, 2]", {}, 400, "must be a JSON object"),
-    ("/api/next", None, b"x" * (play.MAX_BODY + 1), {}, 413, "at most 65,536 are read"),
+    ("/api/next", None, b"x" * (explorer_server.MAX_BODY + 1), {}, 413, "at most 65,536 are read"),
     ("/api/next", {"text": "a"}, None, {"Host": "evil.example:80"}, 403, "only answers to 127.0.0.1:"),
     ("/api/next", {"text": "a"}, None, {"Origin": "http://evil.example"}, 403, "other sites are refused"),
     ("/api/secrets", {}, None, {}, 404, "no API at /api/secrets"),
@@ -219,9 +221,9 @@ def test_another_host_than_this_machine_is_warned_about(shipped, monkeypatch, ca
         def server_close(self):
             pass
 
-    monkeypatch.setattr(play, "make_server", lambda *args: Once())
+    monkeypatch.setattr(explorer_server, "make_server", lambda *args: Once())
     args = play.build_parser().parse_args(["--web", "--host", "0.0.0.0"])
-    play.serve(args, shipped.model, shipped.decoder, shipped.tokenizer, shipped.config, shipped.device)
+    explorer_server.serve(args, shipped.model, shipped.decoder, shipped.tokenizer, shipped.config, shipped.device)
     captured = capsys.readouterr()
     assert "warning: --host 0.0.0.0 lets other machines" in captured.err
     assert "http://127.0.0.1:1234/" in captured.out
@@ -275,7 +277,7 @@ def test_a_browser_generates_watches_the_candidates_and_attention_and_stops(serv
         time.sleep(1)
         assert len(output()) == stopped_at < 20000 and output().startswith("JULIET:")
         drawn = wait_for(lambda: find("candidates").get_attribute("data-drawn"))
-        assert len(drawn) == play.CANDIDATES
+        assert len(drawn) == explorer_server.CANDIDATES
         window = min(128, stopped_at)  # the attention covers the last window of the text
         assert wait_for(lambda: find("heatmap").get_attribute("data-drawn") == str(window))
         assert len(find("looks-at").find_elements(By.TAG_NAME, "span")) == window
@@ -327,7 +329,7 @@ def many_alphabets(tmp_path_factory):
     train(make_config(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, max_iters=30, eval_interval=30,
                       eval_iters=2, device="cpu", dtype="float32"), str(text), str(folder / "m.pth"), sample_chars=0)
     model, tokenizer, config = load_model(str(folder / "m.pth"))
-    return play.Explorer(model, play.Decoder(model), tokenizer, config, torch.device("cpu"))
+    return explorer_server.Explorer(model, engine.Decoder(model), tokenizer, config, torch.device("cpu"))
 
 
 def test_the_page_puts_together_events_and_characters_split_across_reads_and_shows_a_broken_stream(many_alphabets):

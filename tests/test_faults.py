@@ -14,12 +14,14 @@ import tempfile
 import numpy as np
 import pytest
 
+import token_cache
 import train as train_script
 import utils
 from config import make_config
 from conftest import ROOT
 from train import train
-from utils import SmollError, load_tokens
+from token_cache import load_tokens
+from utils import SmollError
 
 TINY_RUN = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
             "--max_iters", "20", "--eval_interval", "10", "--eval_iters", "2", "--device", "cpu",
@@ -85,7 +87,7 @@ def damage(meta, binary, how):
     if how == "id out of range":  # a change the sampled hash does not see: only the range check can
         data[123] = 250
         binary.write_bytes(data)
-        meta.write_text(json.dumps({**info, "sample_sha256": utils.sample_digest(binary)}))
+        meta.write_text(json.dumps({**info, "sample_sha256": token_cache.sample_digest(binary)}))
         return "holds the id 250, outside its vocabulary of"
     if how == "bin missing":
         binary.unlink()
@@ -199,21 +201,21 @@ def test_a_history_that_cannot_be_written_stops_the_run_and_keeps_the_old_one(te
     out = tmp_path / "m.pth"
     train(config, text, str(out), sample_chars=0)
     old_csv = (tmp_path / "m.csv").read_bytes()
-    real_open = open
+    real_temp_file = utils.temp_file
 
-    def disk_full_for_csv(path, *args, **kwargs):
-        if str(path).endswith(".csv.tmp"):
-            f = real_open(path, *args, **kwargs)
-            f.close()
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_open(path, *args, **kwargs)
+    def disk_full_for_csv(folder, suffix):
+        fd, tmp = real_temp_file(folder, suffix)
+        if suffix == ".csv":  # every write to the history's temp file fails with ENOSPC
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, tmp
 
-    monkeypatch.setattr("builtins.open", disk_full_for_csv)
+    monkeypatch.setattr(utils, "temp_file", disk_full_for_csv)
     with pytest.raises(SmollError, match=r"could not write '.*m.csv': the disk is full; free some space"):
         train(config, text, str(out), sample_chars=0)
-    monkeypatch.setattr("builtins.open", real_open)
+    monkeypatch.undo()
     assert (tmp_path / "m.csv").read_bytes() == old_csv
-    assert not (tmp_path / "m.csv.tmp").exists()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]  # no temp file left
 
 
 def test_a_loss_curve_that_cannot_be_drawn_is_reported_and_the_run_still_ends_well(text, tmp_path, monkeypatch,

@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 
+import engine
 import play
 from config import make_config
-from models import Int8Linear, PackedLinear, TinyGPT
-from play import SamplingPath, choose_path, pick_sampling_path, worth_compiling
+from engine import Int8Linear, PackedLinear
+from models import TinyGPT
+from engine import SamplingPath, choose_path, pick_sampling_path, worth_compiling
 
 F32, BF16, INT8 = SamplingPath("float32"), SamplingPath("bfloat16"), SamplingPath("int8")
 CPU = torch.device("cpu")
@@ -41,7 +43,7 @@ def fake_timer(monkeypatch, timings):
         asked.append(path)
         return timings[path]
 
-    monkeypatch.setattr(play, "time_steps", time_steps)
+    monkeypatch.setattr(engine, "time_steps", time_steps)
     return asked
 
 
@@ -96,7 +98,7 @@ def test_a_cached_decision_is_ignored_when_the_torch_version_the_cpu_or_the_mode
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     elif change == "cpu":
-        monkeypatch.setattr(play, "describe_device", lambda device: "Some Other CPU, 2 threads")
+        monkeypatch.setattr(engine, "describe_device", lambda device: "Some Other CPU, 2 threads")
     elif change == "model":
         config = make_config(n_layer=2, n_embd=32, n_head=4, block_size=8, dropout=0.0)
         model = TinyGPT(config, 20).eval()
@@ -119,12 +121,12 @@ def test_a_long_run_tries_compiling_only_where_a_compiler_exists_and_it_pays(cac
     model, config = tiny()
     compiled = SamplingPath("int8", compiled=True)
     asked = fake_timer(monkeypatch, {**XEON_AMX, compiled: 0.3e-3})
-    monkeypatch.setattr(play, "have_compiler", lambda device: False)  # an ordinary install without g++
+    monkeypatch.setattr(engine, "have_compiler", lambda device: False)  # an ordinary install without g++
     path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000)
     assert path == INT8 and compiled not in asked
-    monkeypatch.setattr(play, "have_compiler", lambda device: True)
-    real_prepare = play.prepare_path
-    monkeypatch.setattr(play, "prepare_path", lambda model, path, device:
+    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
+    real_prepare = engine.prepare_path
+    monkeypatch.setattr(engine, "prepare_path", lambda model, path, device:
                         (model, FakeCompiled(path)) if path.compiled else real_prepare(model, path, device))
     path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000)
     assert compiled in asked and path == compiled  # 1M characters: compiling pays
@@ -137,7 +139,7 @@ def test_a_long_run_tries_compiling_only_where_a_compiler_exists_and_it_pays(cac
     asked.clear()
     path, *_ = pick_sampling_path(model, config, CPU, n_chars=500)  # short: not worth compiling again
     assert path == INT8 and asked == []
-    monkeypatch.setattr(play, "have_compiler", lambda device: True)
+    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
     path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000, eager=True)  # --eager wins
     assert path == INT8
 
@@ -189,7 +191,7 @@ def test_on_a_simulated_gpu_the_candidates_are_float32_and_its_native_half_with_
         capability, half, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
-    assert play.eager_candidates(cuda, "auto") == [F32, SamplingPath(half)]
-    assert play.compile_mode(cuda) == "reduce-overhead" and play.compile_mode(CPU) is None
-    assert play.have_compiler(cuda)  # CUDA builds of PyTorch ship Triton
-    assert play.eager_candidates(torch.device("mps"), "auto") == [F32]
+    assert engine.eager_candidates(cuda, "auto") == [F32, SamplingPath(half)]
+    assert engine.compile_mode(cuda) == "reduce-overhead" and engine.compile_mode(CPU) is None
+    assert engine.have_compiler(cuda)  # CUDA builds of PyTorch ship Triton
+    assert engine.eager_candidates(torch.device("mps"), "auto") == [F32]

@@ -13,6 +13,7 @@ import torch
 
 import play
 import train as train_script
+import pictures
 import utils
 from conftest import ROOT, listen_to_ctrl_c
 from config import make_config
@@ -177,7 +178,7 @@ def test_training_runs_without_matplotlib(tmp_path, tiny_text, monkeypatch, caps
     def no_matplotlib():
         raise SmollError("drawing pictures needs matplotlib: `pip install matplotlib`.")
 
-    monkeypatch.setattr(utils, "import_pyplot", no_matplotlib)
+    monkeypatch.setattr(pictures, "import_pyplot", no_matplotlib)
     train(make_config(**TINY), tiny_text, str(tmp_path / "run.pth"), sample_chars=0)
     assert "no loss curve: drawing pictures needs matplotlib" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path)) == [".smoll_cache", "run.csv", "run.last.pth", "run.pth", "tiny.txt"]

@@ -10,7 +10,8 @@ import torch
 import play
 from conftest import ROOT
 from config import make_config
-from models import KVCache, PackedLinear, TinyGPT, pack_for_cpu_sampling
+from engine import PackedLinear, pack_for_cpu_sampling
+from models import KVCache, TinyGPT
 from train import train
 
 VOCAB = 20

@@ -8,12 +8,12 @@ import torch
 import play
 from conftest import ROOT
 from models import Bigram, TinyGPT
-from utils import DEFAULT_WEIGHTS, eval_loss, load_model, split_data
+from utils import SHIPPED_WEIGHTS, eval_loss, load_model, split_data
 
 
 @pytest.mark.parametrize("name, cls, target", [("tinygpt", TinyGPT, 1.435), ("bigram", Bigram, 2.50)])
 def test_shipped_weights_load_safely_and_meet_their_target(name, cls, target, shakespeare):
-    path = DEFAULT_WEIGHTS[name]
+    path = SHIPPED_WEIGHTS[name]
     assert os.path.dirname(path) == os.path.join(ROOT, "models")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert raw["config"]["model"] == name

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import training_speed
 import train as train_script
 from config import Config, make_config
 from models import Bigram, TinyGPT
-from train import batch_shape, lr_scale, make_optimizers, train
-from utils import (CharTokenizer, SmollError, eval_loss, get_batch, load_model, save_checkpoint,
-                   split_data)
+from train import lr_scale, make_optimizers, train
+from utils import (CharTokenizer, SmollError, batch_shape, eval_loss, get_batch, load_model,
+                   save_checkpoint, split_data)
 
 
 def test_batches_are_windows_and_targets_are_inputs_shifted_by_one():
@@ -53,7 +54,7 @@ def test_linear_schedule_holds_the_peak_then_cools_down_in_a_straight_line():
 
 def test_bigram_reaches_the_count_based_optimum(tmp_path, shakespeare, monkeypatch):
     """The best a bigram can do on its training text is the entropy of the bigram counts."""
-    monkeypatch.setattr(train_script, "DEFAULT_WEIGHTS", {"bigram": str(tmp_path / "b.pth")})
+    monkeypatch.setattr(train_script, "DEFAULT_OUT", {"bigram": str(tmp_path / "b.pth")})
     text_path = tmp_path / "shakespeare.txt"
     text_path.write_text(shakespeare, encoding="utf-8")
     result = train(make_config(model="bigram", device="cpu", dtype="float32"), str(text_path), sample_chars=0)
@@ -349,7 +350,7 @@ def fake_passes(monkeypatch, written_out, sdpa, compiled=None):
         timed.append(name)
         return [1.0, {"written-out": written_out, "sdpa": sdpa}[name]]
 
-    monkeypatch.setattr(train_script, "time_passes", time_passes)
+    monkeypatch.setattr(training_speed, "time_passes", time_passes)
     return timed
 
 
