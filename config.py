@@ -112,7 +112,7 @@ MODEL_DEFAULTS = {
 }
 
 # The speedruns' recipe, as the CPU presets use it: Muon, ReLU², zero-initialised output
-# projections, and a constant learning rate followed by a linear cooldown (README: The CPU recipe).
+# projections, and a constant learning rate followed by a linear cooldown (docs/training.md: The CPU recipe).
 CPU_RECIPE = dict(block_size=128, n_embd=128, n_head=4, batch_size=16, activation="relu2", zero_init=True,
                   optimizer="muon", learning_rate=8e-3, muon_lr=0.01, warmup_iters=30, schedule="linear",
                   cooldown=0.5, min_lr_ratio=0.0, eval_interval=200, eval_iters=5)
@@ -120,7 +120,7 @@ CPU_RECIPE = dict(block_size=128, n_embd=128, n_head=4, batch_size=16, activatio
 # Named sets of overrides, chosen with --preset NAME.
 PRESETS = {
     # A TinyGPT for a 2-core CPU and a time budget, tuned for the lowest full-validation loss after
-    # 30 s and 5 minutes of training (README: Results). Alone it trains for 5 minutes;
+    # 30 s and 5 minutes of training (docs/results.md). Alone it trains for 5 minutes;
     # --time_budget SECONDS sets another budget. The sequence-length warmup is half of a 30 s run.
     "cpu": dict(CPU_RECIPE, n_layer=3, dropout=0.0, seq_warmup=200, time_budget=300.0),
     # The same for a 10-minute budget: a layer deeper, with dropout, as more passes over the
@@ -128,7 +128,7 @@ PRESETS = {
     # --preset cpu showed not to pay at 30 s or 5 minutes once it had the sequence-length warmup.
     "cpu_10min": dict(CPU_RECIPE, n_layer=4, dropout=0.1, qk_norm=True, logit_cap=30.0, time_budget=600.0),
     # Half an hour on a 2-core CPU, for a model of 6 layers x 192, with more dropout for its many
-    # passes over the text: the recipe of the shipped model before cpu_60min (README: Results).
+    # passes over the text: the recipe of the shipped model before cpu_60min (docs/results.md).
     "cpu_30min": dict(CPU_RECIPE, n_layer=6, n_embd=192, n_head=6, dropout=0.2, qk_norm=True, logit_cap=30.0,
                       time_budget=1800.0, eval_interval=250, eval_iters=20),
     # The recipe of the shipped models/tinygpt.pth: the same model for an hour, which makes about

@@ -90,7 +90,7 @@ class Int8Linear(nn.Module):
     activations stay in floating point. PyTorch's CPU kernel for this (the one gpt-fast uses)
     takes bfloat16 activations and returns bfloat16, so this layer belongs in a bfloat16 model.
     Rounding each weight to one of 255 levels of its row costs little: bench.py --window_quality
-    measures it (README: Precision while sampling). For inference only.
+    measures it (docs/sampling.md: Precision while sampling). For inference only.
     """
 
     def __init__(self, linear):

@@ -101,7 +101,7 @@ def time_passes(r, model, batch_size, block_size, passes=2):
 def choose_attention(r):
     """Time a full-length micro-batch with the written-out attention and with the fused kernel
     (F.scaled_dot_product_attention), eagerly, and keep the faster for the run. Which wins depends
-    on the device, the precision and the sizes (README: Speed), and no CPU flag tells. The
+    on the device, the precision and the sizes (docs/speed.md), and no CPU flag tells. The
     choice is cached per machine, model shape and batch, like play.py's sampling path, so that
     runs of the same config make the same one; a resumed run keeps its own. Under torchrun the
     ranks keep the default (the fused kernel) rather than time apart and disagree.

@@ -351,15 +351,13 @@ def load_checkpoint(path, flag="--weights"):
     """Read a checkpoint dict, turning every way a file can be wrong into one clear SmollError.
     flag names the command-line option that gave the path, for the message."""
     if not os.path.isfile(path):
-        raise SmollError(f"weights file '{path}' does not exist: train one with `python train.py` "
-                         f"or pass an existing file with {flag}.")
+        raise SmollError(f"weights file '{path}' does not exist: {way_forward(path)}, or pass an "
+                         f"existing file with {flag}.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        shipped = os.path.abspath(path) in SHIPPED_WEIGHTS.values()
-        fix = f"restore it with `git checkout -- {path}`" if shipped else "retrain it with `python train.py`"
         raise SmollError(f"'{path}' is not a readable smoll checkpoint (truncated, corrupt or not "
-                         f"a PyTorch file): {fix}.") from None
+                         f"a PyTorch file): {way_forward(path)}.") from None
     keys = ("model_state", "config", "vocab", "step", "val_loss")
     if not isinstance(checkpoint, dict) or not all(k in checkpoint for k in keys):
         raise SmollError(f"'{path}' is a PyTorch file but not a smoll checkpoint: pass weights "
@@ -380,9 +378,18 @@ def load_model(path, device="cpu", flag="--weights"):
         model.load_state_dict(checkpoint["model_state"])  # copies cast float16 back to float32
     except (KeyError, RuntimeError, ValueError, TypeError):
         raise SmollError(f"'{path}' does not match the model it describes (its weights and config "
-                         f"disagree): retrain it with `python train.py`.") from None
+                         f"disagree): {way_forward(path)}.") from None
     model.to(device).eval()
     return model, tokenizer, config
+
+
+def way_forward(path):
+    """The shortest fix for a checkpoint that is missing or damaged: a shipped one comes back from
+    git; any other is made again in minutes, without touching the shipped ones."""
+    if os.path.abspath(path) in SHIPPED_WEIGHTS.values():
+        return f"restore the shipped file with `git checkout -- {os.path.relpath(path, ROOT)}`"
+    return (f"train one in 5 minutes with `python train.py --preset cpu --out {path}` (a Bigram "
+            f"in seconds: `python train.py --model bigram --out {path}`)")
 
 
 def rng_states(device, batch_rng):

@@ -72,9 +72,22 @@ def test_errors_print_one_line_and_no_traceback(tmp_path):
     result = run("play.py", "--weights", str(tmp_path / "nope.pth"))
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
+    missing = tmp_path / "nope.pth"
     assert result.stderr.strip().splitlines() == [
-        f"error: weights file '{tmp_path / 'nope.pth'}' does not exist: train one with `python train.py` "
+        f"error: weights file '{missing}' does not exist: train one in 5 minutes with `python train.py "
+        f"--preset cpu --out {missing}` (a Bigram in seconds: `python train.py --model bigram --out {missing}`), "
         f"or pass an existing file with --weights."]
+
+
+def test_a_damaged_shipped_file_is_restored_from_git_not_retrained(tmp_path, monkeypatch):
+    import utils
+    shipped = tmp_path / "models" / "tinygpt.pth"
+    shipped.parent.mkdir()
+    shipped.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(utils, "ROOT", str(tmp_path))
+    monkeypatch.setattr(utils, "SHIPPED_WEIGHTS", {"tinygpt": str(shipped)})
+    with pytest.raises(utils.SmollError, match=r"restore the shipped file with `git checkout -- models/tinygpt.pth`\.$"):
+        utils.load_model(str(shipped))
 
 
 def error_of(main, argv, capsys):
