@@ -25,8 +25,8 @@ def get_device(name="auto"):
     """Resolve "auto" to cuda, then mps, then cpu; refuse a device this PyTorch cannot run on,
     with a sentence that names the fix (see cuda_problem)."""
     auto = name == "auto"
-    if (auto or name.startswith("cuda")) and not torch.cuda.is_available():
-        problem = cuda_problem(torch.version.cuda, nvidia_driver_version(), nvidia_gpu_present())
+    if (auto or name.startswith("cuda")) and not torch.cuda.is_available() and nvidia_gpu_present():
+        problem = cuda_problem(torch.version.cuda, nvidia_driver_version(), gpu_present=True)
         if problem:
             raise SmollError(problem + (" Or pass --device cpu to run on the CPU." if auto else ""))
     if auto:
@@ -143,7 +143,7 @@ def cpu_extensions():
 
 def cpu_has_fast_bf16():
     """True when the CPU has bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 is ~2x fp32."""
-    return bool({"AVX512-BF16", "AMX-BF16"} & set(cpu_extensions()))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_info()[1])
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

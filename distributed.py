@@ -19,18 +19,14 @@ from token_cache import load_tokens
 from utils import SmollError
 
 
-def world_size():
-    """How many processes train together: 1 without torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def setup_distributed(config):
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPUs).
 
     Returns (rank, world_size, device). Without torchrun: (0, 1, the configured device).
     """
     device = get_device(config.device)
-    if world_size() == 1:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -38,7 +34,7 @@ def setup_distributed(config):
     elif device.type != "cpu":
         raise SmollError(f"torchrun needs CUDA GPUs or CPUs, not {device.type}: add --device cpu.")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size(), device
+    return dist.get_rank(), world_size, device
 
 
 def load_data(data_path, config, rank, world_size):
@@ -79,20 +75,16 @@ def stop_requested(stop, step, world_size, device):
 
 def gather(obj, world_size):
     """Every rank's obj, as a list in rank order (rank 0 saves them all)."""
-    if world_size == 1:
-        return [obj]
     objs = [None] * world_size
     dist.all_gather_object(objs, obj)
     return objs
 
 
-def barrier(world_size):
-    """Wait for every rank: they leave together, after rank 0 has scored and saved."""
-    if world_size > 1:
-        dist.barrier()
+def barrier():
+    """Wait for every rank."""
+    dist.barrier()
 
 
-def leave(world_size):
+def leave():
     """Leave the process group, whatever happened."""
-    if world_size > 1:
-        dist.destroy_process_group()
+    dist.destroy_process_group()

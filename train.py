@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -44,8 +45,7 @@ from tqdm import tqdm
 
 from config import MODELS, PRESETS, Config, add_config_args, config_from_args, config_from_dict
 from devices import describe_device, resolve_dtype
-from distributed import (barrier, gather, leave, load_data, setup_distributed, stop_requested, world_size,
-                         wrap_ddp)
+from distributed import barrier, gather, leave, load_data, setup_distributed, stop_requested, wrap_ddp
 from ensemble import distillation_loss, load_teachers, teacher_log_probs
 from eval_table import eval_only
 from models import build_model
@@ -82,7 +82,7 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
     if resume:
         config, state = load_saved_run(config, out_path)
         teachers = [t["path"] for t in state["run"].get("teachers", [])]
-    if config.time_budget and world_size() > 1:
+    if config.time_budget and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SmollError("--time_budget times a single process: under torchrun, use --max_iters.")
     rank, n_ranks, device = setup_distributed(config)
     try:
@@ -100,10 +100,14 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
 
         # The loop: evaluate and save every eval_interval steps and at the last one (the end of
         # max_iters, or of the time budget, keeping time for that last evaluation), step otherwise.
+        # With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws
+        # often; into a log file, every few seconds is plenty.
         budget = config.time_budget
-        bar = progress_bar(r, budget)
+        bar = tqdm(total=round(budget) if budget else config.max_iters, initial=0 if budget else r.step,
+                   unit="s" if budget else "step", dynamic_ncols=True, file=sys.stdout,
+                   mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=rank != 0)
         interrupted = False
-        with StopFlag() as stop:
+        with ctrl_c_stops() as stop:
             while True:
                 r.record["train_time_s"] = r.elapsed()
                 if budget:
@@ -134,10 +138,12 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
                                     tok_s=f"{r.tokens_per_s():,.0f}")
         bar.close()
         result = finish_run(r, interrupted, sample_chars, full_eval)
-        barrier(n_ranks)
+        if n_ranks > 1:
+            barrier()  # the ranks leave together, after rank 0 has scored and saved
         return result
     finally:
-        leave(n_ranks)
+        if n_ranks > 1:
+            leave()
 
 
 def load_saved_run(config, out_path):
@@ -146,7 +152,7 @@ def load_saved_run(config, out_path):
     try:
         state = load_checkpoint(last_path(out_path))
     except SmollError as e:
-        if world_size() > 1:  # every rank reads the file rank 0 wrote
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every rank reads the file rank 0 wrote
             raise SmollError(f"{e} Under torchrun on several machines, --out must be on storage "
                              f"that every machine sees (a shared filesystem).") from None
         raise
@@ -169,14 +175,6 @@ def load_saved_run(config, out_path):
 def last_path(out_path):
     """The full training state, for --resume, lives beside the best weights: NAME.last.pth."""
     return os.path.splitext(out_path)[0] + ".last.pth"
-
-
-def progress_bar(r, budget):
-    """With a time budget the bar counts seconds, otherwise steps. In a terminal it redraws
-    often; into a log file, every few seconds is plenty."""
-    return tqdm(total=round(budget) if budget else r.config.max_iters, initial=0 if budget else r.step,
-                unit="s" if budget else "step", dynamic_ncols=True, file=sys.stdout,
-                mininterval=0.1 if sys.stdout.isatty() else 5.0, disable=r.rank != 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,7 +494,9 @@ def save_state(r, finished):
     """The full state, for --resume: every rank's RNG states are gathered into rank 0's file, and
     every tensor goes to the CPU, so the file loads on any machine. A finished run is marked, so
     that --resume leaves it alone."""
-    rngs = gather(rng_states(r.device, r.batch_rng), r.world_size)
+    rngs = [rng_states(r.device, r.batch_rng)]
+    if r.world_size > 1:
+        rngs = gather(rngs[0], r.world_size)
     if r.rank == 0:
         save_checkpoint(last_path(r.out_path), r.model, r.config, r.tokenizer, r.step, r.best["val"],
                         half=False, optimizer=[to_cpu(o.state_dict()) for o in r.optimizers],
@@ -554,32 +554,29 @@ def finish_run(r, interrupted, sample_chars, full_eval):
 # Ctrl-C and the command line
 
 
-class StopFlag:
+@contextlib.contextmanager
+def ctrl_c_stops():
     """Turns the first Ctrl-C into a request to stop at the next step boundary (or in the middle
-    of an evaluation), so the saved state is never half an optimizer step. A second Ctrl-C stops
-    at once."""
+    of an evaluation): the flag it yields gets .requested = True, so the saved state is never half
+    an optimizer step. A second Ctrl-C stops at once."""
+    stop = SimpleNamespace(requested=False)
 
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        # Signals can only be caught on the main thread. A process started with SIGINT ignored
-        # (a background job, nohup) keeps ignoring it.
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
+    def handle(signum, frame):
+        if stop.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        stop.requested = True
         print("\nCtrl-C: stopping and saving (press again to quit at once)", file=sys.stderr, flush=True)
 
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+    # Signals can only be caught on the main thread. A process started with SIGINT ignored
+    # (a background job, nohup) keeps ignoring it.
+    catch = (threading.current_thread() is threading.main_thread()
+             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGINT, handle) if catch else None
+    try:
+        yield stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def build_parser():

@@ -65,14 +65,12 @@ def warm_up(r):
     synchronize(r.device)
     eval_seconds = 2 * c.eval_iters * (time.perf_counter() - t)
     r.model.train()
-    step_seconds = (times[1] + time_teachers(r)) * c.grad_accum
+    step_seconds = (times[1] + (time_teachers(r) if r.teachers is not None else 0.0)) * c.grad_accum
     return (compile_seconds if r.compiled else 0.0), step_seconds, eval_seconds
 
 
 def time_teachers(r):
-    """Seconds the teachers take on a full-length micro-batch (the second of two passes), or 0."""
-    if r.teachers is None:
-        return 0.0
+    """Seconds the teachers of a distilled run take on a full-length micro-batch (the second of two passes)."""
     x, _ = get_batch(r.train_data, r.config.batch_size // r.config.grad_accum, r.config.block_size,
                      torch.Generator().manual_seed(0), r.device)
     for _ in range(2):
