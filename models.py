@@ -344,7 +344,9 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
     (> 0), then -inf for every id outside the top_k likeliest and outside the smallest set whose
     probabilities add up to at least top_p ("nucleus sampling"). top_k first, then top_p on what
     is left. The explorer draws softmax of these beside softmax of the raw logits."""
-    logits = logits.float() if temperature == 1 else logits.float() / temperature  # (B, V)
+    logits = logits.float()  # (B, V)
+    if temperature != 1:  # the largest logit goes to 0 first, so a tiny temperature cannot overflow
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))

@@ -4,12 +4,13 @@
     python play.py --prompt "ROMEO:" --length 300 --temperature 0.8 --top_k 20
     python play.py --interactive                    # type prompts, read continuations
     python play.py --model bigram                   # the Bigram, from models/model_weights.pth
-    python play.py --weights models/mine.pth --seed 7 --num_samples 3
+    python play.py --weights out/mine.pth --seed 7 --num_samples 3
     python play.py --attention attention.png --prompt "ROMEO: I love"   # draw the attention maps
 """
 
 
 import argparse
+import math
 import sys
 import time
 
@@ -46,7 +47,8 @@ def build_parser():
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="below 1 is safer, above 1 is wilder; 0 always takes the likeliest "
                              "character (default: 1.0)")
-    parser.add_argument("--top_k", type=int, help="sample only from the k likeliest characters")
+    parser.add_argument("--top_k", type=int,
+                        help="sample only from the k likeliest characters (0: off, as without the flag)")
     parser.add_argument("--top_p", type=float,
                         help="sample only from the likeliest characters that together hold "
                              "probability p (nucleus sampling)")
@@ -88,14 +90,15 @@ def build_parser():
 
 
 def check_settings(length, temperature, top_k, top_p):
-    """Raise ValueError with the fix for a bad sampling setting."""
+    """Raise ValueError with the fix for a bad sampling setting. top_k 0, like None, is off.
+    Python's float() reads "nan" and "inf": they are refused here, not deep inside the sampler."""
     if length < 0:
         raise ValueError(f"--length must be 0 or more, got {length}.")
-    if temperature < 0:
-        raise ValueError(f"--temperature must be 0 (greedy) or positive, got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"--top_k must be at least 1, got {top_k}.")
-    if top_p is not None and not 0 < top_p <= 1:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"--temperature must be 0 (greedy) or positive and finite, got {temperature}.")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"--top_k must be 0 (off) or more, got {top_k}.")
+    if top_p is not None and not 0 < top_p <= 1:  # nan fails this too
         raise ValueError(f"--top_p must be in (0, 1], got {top_p}.")
 
 
@@ -105,6 +108,7 @@ def check_args(parser, args):
         check_settings(args.length, args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         parser.error(str(e))
+    args.top_k = args.top_k or None  # 0: off, as /top_k 0 in --interactive and the explorer's API
     if args.num_samples < 1:
         parser.error(f"--num_samples must be at least 1, got {args.num_samples}.")
     if args.prompt and args.prompt_file:

@@ -9,12 +9,17 @@ and a small JSON API to it, with the standard library's HTTP server.
 
 One model serves every browser: a lock lets one forward pass run at a time, and a generation
 takes it for one character at a time, so other requests are answered while it streams.
-It refuses requests whose Host names another site (DNS rebinding) and bodies over MAX_BODY.
+It refuses requests whose Host names another site (DNS rebinding), bodies over MAX_BODY, and
+numbers that are not finite (NaN and infinities are not JSON, and a browser cannot read them back).
 """
 
 import contextlib
+import ipaddress
 import json
+import math
 import os
+import socket
+import struct
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +34,8 @@ MAX_BODY = 64 * 1024  # bytes: a request body over this is refused
 MAX_LENGTH = 20_000  # characters one /api/generate may ask for
 MAX_TEXT = 20_000  # characters of text /api/next and /api/attention read
 CANDIDATES = 20  # next characters listed, likeliest first
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # names only this machine can send a request to
+ALL_INTERFACES = ("", "0.0.0.0", "::")  # --host values that listen on every network interface
 
 
 class RequestError(Exception):
@@ -54,20 +61,25 @@ def next_char_distribution(model, ids, temperature=1.0, top_k=None, top_p=None):
 
 
 def get_field(body, name, kind, default=None, low=None, high=None, optional=False):
-    """body[name] checked to be of kind (int, float or str) and within [low, high]; the default
-    where it is missing (or null, where optional). Raises RequestError naming the field."""
+    """body[name] checked to be of kind (int, float or str) and, for a number, finite and within
+    [low, high]; the default where it is missing (or null, where optional). Raises RequestError
+    naming the field."""
     value = body.get(name, default)
     if value is None and (optional or name not in body):
         return default
-    ok = isinstance(value, str) if kind is str else (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                                     and (kind is float or float(value).is_integer()))
-    if not ok:
-        raise RequestError(400, f"'{name}' must be {'a string' if kind is str else 'a number' if kind is float else 'an integer'}"
-                                f", got {json.dumps(value)[:40]}.")
-    value = value if kind is str else kind(value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(400, f"'{name}' must be between {low} and {high}, got {value}.")
-    return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise RequestError(400, f"'{name}' must be a string, got {json.dumps(value)[:40]}.")
+        return value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RequestError(400, f"'{name}' must be {'a number' if kind is float else 'an integer'}, "
+                                f"got {json.dumps(value)[:40]}.")
+    finite = isinstance(value, int) or math.isfinite(value)  # JSON's 1e999 reads as infinity
+    if not finite or (low is not None and value < low) or (high is not None and value > high):
+        raise RequestError(400, f"'{name}' must be between {low} and {high}, got {str(value)[:40]}.")
+    if kind is int and value != int(value):
+        raise RequestError(400, f"'{name}' must be an integer, got {value}.")
+    return kind(value)
 
 
 class Explorer:
@@ -170,7 +182,12 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         pass
 
     def send_json(self, status, obj):
-        data = json.dumps(obj).encode("utf-8")
+        try:  # strict JSON: NaN or Infinity in an answer would break the page's JSON.parse
+            data = json.dumps(obj, allow_nan=False).encode("utf-8")
+        except ValueError:
+            status, data = 500, json.dumps({"error": "the answer holds a number that is not finite: a temperature "
+                                                     "this close to 0 overflows (0 is greedy), or else the weights "
+                                                     "are broken and need retraining."}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
@@ -180,10 +197,11 @@ class ExplorerHandler(BaseHTTPRequestHandler):
     def refused(self):
         """A reason to refuse the request before reading it, or None. DNS rebinding: a page on
         another site can point its own name at 127.0.0.1, but its requests still carry that name."""
-        if self.headers.get("Host") not in self.allowed_hosts:
-            return f"this server only answers to {self.allowed_hosts[0]}: open that address."
+        if (self.headers.get("Host") or "").lower() not in self.allowed_hosts:
+            return (f"this server only answers to the addresses it prints, such as {self.allowed_hosts[0]}: "
+                    f"open one of those.")
         origin = self.headers.get("Origin")
-        if origin is not None and origin not in {f"http://{h}" for h in self.allowed_hosts}:
+        if origin is not None and origin.lower() not in {f"http://{h}" for h in self.allowed_hosts}:
             return "requests from other sites are refused."
         return None
 
@@ -192,6 +210,10 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             return self.send_json(403, {"error": reason})
         if self.path == "/api/info":
             return self.send_json(200, self.explorer.info())
+        if self.path == "/favicon.ico":  # the page has no icon: tell browsers so, once a day, without an error
+            self.send_response(204)
+            self.send_header("Cache-Control", "max-age=86400")
+            return self.end_headers()
         if self.path.split("?")[0] not in ("/", "/index.html"):
             return self.send_json(404, {"error": f"no page at {self.path[:80]}: the explorer is at /."})
         try:
@@ -233,7 +255,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         if size > MAX_BODY:
             raise RequestError(413, f"the body is {size:,} bytes: at most {MAX_BODY:,} are read.")
         try:
-            body = json.loads(self.rfile.read(size).decode("utf-8"))
+            body = json.loads(self.rfile.read(size).decode("utf-8"), parse_constant=not_json)
         except (UnicodeDecodeError, ValueError) as e:
             raise RequestError(400, f"the body is not JSON ({e.__class__.__name__}): send an object such as "
                                     f'{{"text": "ROMEO:"}}.') from None
@@ -263,14 +285,87 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         self.wfile.flush()  # now, not when a buffer fills: the page shows each character as it comes
 
 
+def not_json(token):
+    """json.loads's parse_constant: Python reads NaN, Infinity and -Infinity, which JSON has not."""
+    raise RequestError(400, f"the body has {token}, which is not JSON: numbers must be finite, such as 0.8.")
+
+
+SIOCGIFADDR = 0x8915  # Linux's ioctl that reads an interface's IPv4 address
+
+
+def interface_addresses():
+    """The address of each network interface, where the standard library can tell (Linux: IPv4 from
+    the SIOCGIFADDR ioctl, IPv6 from /proc/net/if_inet6); elsewhere none."""
+    found = set()
+    if not sys.platform.startswith("linux"):
+        return found
+    import fcntl
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            with contextlib.suppress(OSError):  # an interface without an IPv4 address
+                ifreq = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                found.add(socket.inet_ntoa(ifreq[20:24]))  # after the 16-byte name, sockaddr_in's address
+    with contextlib.suppress(OSError), open("/proc/net/if_inet6") as f:
+        found.update(socket.inet_ntop(socket.AF_INET6, bytes.fromhex(line.split()[0])) for line in f)
+    return found
+
+
+def own_addresses():
+    """This machine's names and addresses: its host name, its full name, what they resolve to, and
+    its interfaces' addresses. A server on every interface is reached by any of them."""
+    names = {socket.gethostname(), socket.getfqdn()} - {""}
+    for name in list(names):
+        with contextlib.suppress(OSError):
+            names.update(info[4][0].split("%")[0] for info in socket.getaddrinfo(name, None))  # no %zone
+    return {name.lower() for name in names | interface_addresses()}
+
+
+def served_names(host):
+    """The names and addresses a browser can reach a server on host by, the one to open first: on
+    every interface, the loopback names and this machine's own; else host (and the loopback names,
+    which only this machine can send, so a page elsewhere cannot use them to rebind)."""
+    if host in ALL_INTERFACES:
+        return list(dict.fromkeys([*LOOPBACK, *sorted(own_addresses(), key=lambda n: (":" in n, n))]))
+    return list(dict.fromkeys(["127.0.0.1" if host == "localhost" else host.lower(), *LOOPBACK]))
+
+
+def reachable_from_elsewhere(name):
+    """Whether another machine may reach this one by name: not a loopback or link-local address."""
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name not in LOOPBACK
+    return not (address.is_loopback or address.is_link_local)
+
+
+def url(name, port):
+    return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+
+
+class ExplorerServer(ThreadingHTTPServer):
+    """One thread a request, none of which holds up Ctrl-C; make_server sets address_family from --host."""
+
+    daemon_threads = True
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:  # "::" takes IPv4 too, as `python -m http.server` does
+            with contextlib.suppress(AttributeError, OSError):
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def make_server(explorer, host="127.0.0.1", port=0):
-    """A threading HTTP server for explorer on host:port (port 0: any free one). Call serve_forever()."""
+    """A threading HTTP server for explorer on host:port (port 0: any free one). Call serve_forever().
+    server.served_names are the names it answers to, the one to open first."""
     handler = type("Handler", (ExplorerHandler,), {"explorer": explorer})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server = type("Server", (ExplorerServer,), {"address_family": family})((host, port), handler)
+    bound = [] if host in ALL_INTERFACES else [server.server_address[0]]  # what a --host name resolved to
+    server.served_names = list(dict.fromkeys([*served_names(host), *bound]))
     port = server.server_address[1]
-    names = dict.fromkeys(["127.0.0.1", "localhost", "[::1]", host if ":" not in host else f"[{host}]"])
-    handler.allowed_hosts = tuple(f"{name}:{port}" for name in names)
+    hosts = [f"[{name}]" if ":" in name else name for name in server.served_names]
+    # A browser sends Host (and Origin) as name:port, and a bare name for port 80.
+    handler.allowed_hosts = tuple([f"{h}:{port}" for h in hosts] + (hosts if port == 80 else []))
     return server
 
 
@@ -296,15 +391,24 @@ def serve(args, model, decoder, tokenizer, config, device):
     explorer = Explorer(model, decoder, tokenizer, config, device, compare_model(args, model, tokenizer, device))
     try:
         server = make_server(explorer, args.host, args.port)
+    except socket.gaierror as e:
+        raise SmollError(f"cannot listen on --host {args.host} ({e.strerror}): pass an address or name of this "
+                         f"machine, such as 127.0.0.1 or 0.0.0.0.") from None
     except OSError as e:
         raise SmollError(f"cannot listen on {args.host}:{args.port} ({e.strerror}): pass another --port "
                          f"(0 picks a free one).") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
+        tunnel = args.port or 8000  # the same port on both ends: the Host check includes it
         print(f"warning: --host {args.host} lets other machines on the network use this model and its page; "
-              f"the default, 127.0.0.1, keeps it to this one.", file=sys.stderr)
-    port = server.server_address[1]
-    print(f"smoll explorer for {config.model} ({len(tokenizer.chars)} characters): http://127.0.0.1:{port}/ "
+              f"an SSH tunnel to the default --host 127.0.0.1 is the safer way to reach it from elsewhere "
+              f"(ssh -L {tunnel}:127.0.0.1:{tunnel} you@this-machine, then open http://127.0.0.1:{tunnel}/).",
+              file=sys.stderr)
+    port, names = server.server_address[1], server.served_names
+    print(f"smoll explorer for {config.model} ({len(tokenizer.chars)} characters): {url(names[0], port)} "
           f"(Ctrl-C stops it)", flush=True)
+    others = [url(name, port) for name in names[1:] if reachable_from_elsewhere(name)]
+    if others and args.host in ALL_INTERFACES:
+        print(f"from other machines: {'  '.join(others)}", flush=True)
     try:
         server.serve_forever()
     finally:

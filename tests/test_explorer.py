@@ -2,7 +2,9 @@
 driving its page. Run with `python -m pytest tests/test_explorer.py`. The browser test needs
 Debian's chromium and chromium-driver and the selenium package; without them it is skipped."""
 
+import contextlib
 import http.client
+import ipaddress
 import json
 import os
 import socket
@@ -24,8 +26,8 @@ from utils import SHIPPED_WEIGHTS, load_model
 PROMPT = "ROMEO:"
 
 
-def start(explorer, handler=None):
-    server = explorer_server.make_server(explorer, "127.0.0.1", 0)
+def start(explorer, handler=None, host="127.0.0.1"):
+    server = explorer_server.make_server(explorer, host, 0)
     if handler is not None:
         server.RequestHandlerClass = type("Handler", (handler, server.RequestHandlerClass), {})
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -133,7 +135,8 @@ def test_generate_streams_the_text_play_py_writes_for_the_seed(server, capsys):
     ("/api/next", None, b"{not json", {}, 400, "not JSON"),
     ("/api/next", None, b"[1, 2]", {}, 400, "must be a JSON object"),
     ("/api/next", None, b"x" * (explorer_server.MAX_BODY + 1), {}, 413, "at most 65,536 are read"),
-    ("/api/next", {"text": "a"}, None, {"Host": "evil.example:80"}, 403, "only answers to 127.0.0.1:"),
+    ("/api/next", {"text": "a"}, None, {"Host": "evil.example:80"}, 403, "only answers to the addresses it prints, "
+                                                                        "such as 127.0.0.1:"),
     ("/api/next", {"text": "a"}, None, {"Origin": "http://evil.example"}, 403, "other sites are refused"),
     ("/api/secrets", {}, None, {}, 404, "no API at /api/secrets"),
 ])
@@ -211,22 +214,98 @@ def test_play_web_prints_its_url_and_serves(tmp_path):
         process.wait(timeout=30)
 
 
-def test_another_host_than_this_machine_is_warned_about(shipped, monkeypatch, capsys):
-    class Once:
-        server_address = ("0.0.0.0", 1234)
+def test_the_favicon_is_no_content_so_browsers_log_no_error(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    connection.request("GET", "/favicon.ico")
+    response = connection.getresponse()
+    assert response.status == 204 and response.read() == b""
+    assert response.getheader("Cache-Control") == "max-age=86400"
+    connection.close()
 
-        def serve_forever(self):
-            pass
 
-        def server_close(self):
-            pass
+def other_machines_address():
+    """A non-loopback address of this machine, found as the server finds them (IPv4 first), or a skip."""
+    addresses = []
+    for name in explorer_server.own_addresses():
+        with contextlib.suppress(ValueError):  # a name, not an address
+            if explorer_server.reachable_from_elsewhere(name):
+                addresses.append(ipaddress.ip_address(name))
+    if not addresses:
+        pytest.skip("this machine has no network address but its loopback one")
+    address = min(addresses, key=lambda a: (a.version, str(a)))
+    return f"[{address}]" if address.version == 6 else str(address)
 
-    monkeypatch.setattr(explorer_server, "make_server", lambda *args: Once())
-    args = play.build_parser().parse_args(["--web", "--host", "0.0.0.0"])
+
+@pytest.fixture(scope="module")
+def everywhere(shipped):
+    """The explorer on every interface, as `--host 0.0.0.0` serves it; the tests still only talk to 127.0.0.1."""
+    server, port = start(shipped, host="0.0.0.0")
+    yield port
+    server.shutdown()
+
+
+def test_on_every_interface_it_answers_to_this_machines_own_address(everywhere):
+    address = other_machines_address()
+    status, kind, page = request(everywhere, "GET", "/", headers={"Host": f"{address}:{everywhere}"})
+    assert status == 200 and kind.startswith("text/html")
+    status, answer = post(everywhere, "/api/next", {"text": PROMPT}, headers={
+        "Host": f"{address}:{everywhere}", "Origin": f"http://{address}:{everywhere}"})
+    assert status == 200 and answer["candidates"]
+
+
+@pytest.mark.parametrize("headers, said", [
+    ({"Host": "evil.example:{port}"}, "only answers to the addresses it prints"),
+    ({"Origin": "http://evil.example:{port}"}, "requests from other sites are refused"),
+])
+def test_on_every_interface_another_site_is_still_refused(everywhere, headers, said):
+    headers = {name: value.format(port=everywhere) for name, value in headers.items()}
+    status, answer = post(everywhere, "/api/next", {"text": PROMPT}, headers=headers)
+    assert status == 403 and said in answer["error"]
+    status, kind, content = request(everywhere, "GET", "/", headers=headers)
+    assert status == 403
+
+
+def serve_once(shipped, monkeypatch, *flags):
+    """play.py --web's start-up with a real server that returns at once: (stdout, stderr)."""
+    real = explorer_server.make_server
+
+    def once(*args):
+        server = real(*args)
+        server.serve_forever = lambda: None
+        return server
+
+    monkeypatch.setattr(explorer_server, "make_server", once)
+    args = play.build_parser().parse_args(["--web", "--port", "0", *flags])
     explorer_server.serve(args, shipped.model, shipped.decoder, shipped.tokenizer, shipped.config, shipped.device)
+
+
+def test_another_host_than_this_machine_is_warned_about_and_its_urls_printed(shipped, monkeypatch, capsys):
+    serve_once(shipped, monkeypatch, "--host", "0.0.0.0")
     captured = capsys.readouterr()
     assert "warning: --host 0.0.0.0 lets other machines" in captured.err
-    assert "http://127.0.0.1:1234/" in captured.out
+    assert "an SSH tunnel to the default --host 127.0.0.1 is the safer way" in captured.err
+    lines = captured.out.splitlines()
+    assert "http://127.0.0.1:" in lines[0] and "(Ctrl-C stops it)" in lines[0]
+    port = lines[0].split("http://127.0.0.1:")[1].split("/")[0]
+    others = [name for name in explorer_server.own_addresses() if explorer_server.reachable_from_elsewhere(name)]
+    if others:
+        assert lines[1].startswith("from other machines: ")
+        for name in others:
+            assert explorer_server.url(name, port) in lines[1].split()
+        assert "127.0.0.1" not in lines[1] and "localhost" not in lines[1]
+    else:
+        assert len(lines) == 1
+
+
+def test_the_default_host_prints_only_its_loopback_url_and_no_warning(shipped, monkeypatch, capsys):
+    serve_once(shipped, monkeypatch)
+    captured = capsys.readouterr()
+    assert captured.err == "" and len(captured.out.splitlines()) == 1 and "http://127.0.0.1:" in captured.out
+
+
+def test_a_host_this_machine_does_not_have_is_a_clear_error(shipped, monkeypatch):
+    with pytest.raises(explorer_server.SmollError, match="pass an address or name of this machine"):
+        serve_once(shipped, monkeypatch, "--host", "no-such-host.invalid")
 
 
 # ----------------------------------------------------------------------------------------------
