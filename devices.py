@@ -2,7 +2,8 @@
 the fastest precision each device runs natively, a name for the CPU or GPU, and the timings that
 play.py and train.py take on this machine and keep for next time.
 
-train.py and play.py call get_device and resolve_dtype; the rest is what those two need to give
+train.py and play.py call get_device (train.py through distributed.setup_distributed) and
+resolve_dtype (play.py through engine.py); the rest is what those two need to give
 a sentence that names the fix instead of a traceback. Nothing here knows about models.
 """
 
@@ -178,7 +179,6 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
 
 
 # ----------------------------------------------------------------------------------------------

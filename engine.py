@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from devices import DTYPES, describe_device, read_timings, resolve_dtype, synchronize, timings_path, write_timings
 from models import KVCache, TinyGPT, apply_rotary, qk_norm, soft_cap
+from utils import SmollError
 
 # ----------------------------------------------------------------------------------------------
 # Weights that read fast
@@ -321,6 +322,15 @@ def prepare_path(model, path, device):
     return model, decoder
 
 
+def prepared_or_explained(model, path, device):
+    """prepare_path for a path the user asked for by name: where it cannot run, one sentence."""
+    prepared = prepare_path(model, path, device)
+    if prepared is None:
+        raise SmollError(f"--dtype {path.dtype} needs PyTorch's int8 kernel for a TinyGPT's linear layers on "
+                         f"a CPU, which this model or device has not: use --dtype bfloat16, float32 or auto.")
+    return prepared
+
+
 def compile_mode(device):
     """torch.compile's mode for the decoding step: on CUDA, "reduce-overhead" records CUDA graphs,
     so that a step is one launch instead of a hundred; elsewhere the default."""
@@ -351,7 +361,7 @@ def decision_key(model, config, device, batch_size):
     """What a timing depends on: the processor, PyTorch, the model's shape and the batch."""
     shape = {k: getattr(config, k) for k in ("model", "n_layer", "n_head", "n_embd", "block_size",
                                              "activation", "qk_norm", "logit_cap")}
-    vocab = model.lm_head.out_features if hasattr(model, "lm_head") else config.block_size
+    vocab = model.lm_head.out_features
     return (f"{describe_device(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
             f"| vocab {vocab} | batch {batch_size}")
 
@@ -362,7 +372,7 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
     for n_chars characters as (path, model, decoder, report): report says what was measured."""
     if not isinstance(model, TinyGPT):  # the Bigram is one table lookup: nothing to choose
         path = SamplingPath(dtype_flag if dtype_flag != "auto" else "float32")
-        return (path, *prepare_path(model, path, device), f"{path} (a Bigram has one path)")
+        return (path, *prepared_or_explained(model, path, device), f"{path} (a Bigram has one path)")
     key, store = decision_key(model, config, device, batch_size), timings_path("sampling_paths.json")
     timings_kept = read_timings(store)
     known = timings_kept.get(key, {})
@@ -373,8 +383,9 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
         if str(path) in known.get("steps", {}):
             timings[path] = known["steps"][str(path)]
             continue
-        prepared = prepare_path(model, path, device)
-        if prepared is None:
+        prepared = prepare_path(model, path, device) if dtype_flag == "auto" else prepared_or_explained(
+            model, path, device)
+        if prepared is None:  # int8 without its kernel here: one candidate fewer
             continue
         ready[path] = prepared
         timings[path] = time_steps(*prepared, batch_size, device)

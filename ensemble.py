@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from models import cross_entropy
 from utils import SmollError, autocast, file_sha256, load_checkpoint, load_model
 
+
 class Ensemble(nn.Module):
     """K trained models that predict together: their next-character distribution is the mean of the
     members' distributions. Averaging probabilities, not logits, keeps what any one member is sure

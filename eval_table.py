@@ -15,9 +15,10 @@ from ensemble import Ensemble, describe_config, training_seconds
 from token_cache import load_tokens
 from utils import FULL_EVAL_CHARS, SmollError, eval_loss, file_sha256, load_checkpoint, load_model, split_data
 
+
 def eval_only(weights, data_path, device_name, full_eval=False, ensemble=False):
     """Print each checkpoint's run and its validation loss, side by side; with ensemble, also the
-    loss of all of them predicting together (models.Ensemble: the mean of their probabilities)."""
+    loss of all of them predicting together (ensemble.Ensemble: the mean of their probabilities)."""
     device = get_device(device_name)
     ids, text_tokenizer = load_tokens(data_path)
     max_chars = None if full_eval else FULL_EVAL_CHARS

@@ -135,7 +135,6 @@ def causal_attention(q, k, v, window, return_weights=False):
     return (y, att) if return_weights else y
 
 
-
 def qk_norm(x):
     """x / rms(x) over each head's channels (QK-norm): queries and keys of unit RMS, so that the
     attention logits cannot blow up. Written as x / (|x| / sqrt(hs)): on a CPU that is cheaper
@@ -144,6 +143,9 @@ def qk_norm(x):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: each of n_head heads attends over its own slice of the
+    channels, with RoPE on its queries and keys, and the heads' outputs are projected back."""
+
     def __init__(self, config):
         super().__init__()
         self.n_head = config.n_head
@@ -231,6 +233,10 @@ def soft_cap(logits, cap):
 
 
 class TinyGPT(LanguageModel):
+    """The transformer: token embeddings, n_layer Blocks, a final LayerNorm and the LM head that
+    turns each position's vector into logits over the vocabulary. Positions enter through RoPE
+    inside attention, so there is no position table."""
+
     def __init__(self, config, vocab_size):
         super().__init__()
         self.block_size = config.block_size
@@ -409,7 +415,6 @@ class KVCache:
         return k_all, v_all
 
 
-
 @torch.no_grad()  # (not inference_mode: its tensors cannot enter a compiled step)
 def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
            decoder=None, generator=None):
@@ -423,8 +428,8 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     fewer calls. generator (a torch.Generator) draws the samples instead of PyTorch's global
     random state.
 
-    The lecture code's decoder reruns only the last block_size characters. That is the same
-    thing while the text fits in the window. Past it, cropping is not a cache-free version of
+    The generate of the "Let's build GPT" lecture code (and of nanoGPT) reruns only the last
+    block_size characters. That is the same thing while the text fits in the window. Past it, cropping is not a cache-free version of
     the model any more: with more than one layer, the cropped window's first characters lose
     the context that their deeper-layer states were computed from, at every step. No cache can
     reproduce that without rerunning the window, so smoll's model defines what happens past

@@ -5,7 +5,8 @@
     python play.py --interactive                    # type prompts, read continuations
     python play.py --model bigram                   # the Bigram, from models/model_weights.pth
     python play.py --weights out/mine.pth --seed 7 --num_samples 3
-    python play.py --attention attention.png --prompt "ROMEO: I love"   # draw the attention maps
+    python play.py --attention out/attention.png --prompt "ROMEO: I love"   # draw the attention maps
+    python play.py --web                            # the explorer: a local web page (see explorer/)
 """
 
 
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from config import MODELS
 from devices import get_device
-from engine import SamplingPath, pick_sampling_path, prepare_path
+from engine import SamplingPath, pick_sampling_path, prepared_or_explained
 from explorer.server import serve
 from pictures import plot_attention
 from utils import SHIPPED_WEIGHTS, SmollError, load_model, read_text
@@ -237,7 +238,7 @@ def play(args):
                          f"drop --model, or pass --weights of a {args.model}.")
     if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
         path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
-        model, decoder = prepare_path(model, path, device) or prepare_path(model, SamplingPath("bfloat16"), device)
+        model, decoder = prepared_or_explained(model, path, device)
         report = f"{path} ({'--dtype auto means float32 here' if args.dtype == 'auto' else 'as --dtype asks'})"
     else:
         path, model, decoder, report = pick_sampling_path(

@@ -21,8 +21,9 @@ the shipped models/ are only written when --out names them):
 
 Read from the top: train() is the whole run (set up, warm up, the loop, finish), and the
 functions after it come in the order it calls them. What a learner need not read lives beside
-it: training_speed.py (the warm-up's timings and torch.compile), distributed.py (torchrun),
-ensemble.py (--teacher), eval_table.py (--eval_only), token_cache.py (reading big texts).
+it: training_speed.py (the warm-up's timings and torch.compile), distributed.py (the device, the
+data and torchrun: alone it only calls devices.get_device and token_cache.load_tokens),
+ensemble.py (--teacher), eval_table.py (--eval_only).
 """
 
 import argparse
@@ -429,6 +430,7 @@ def evaluate_and_keep_best(r, bar, stop):
     return True
 
 
+@torch.no_grad()
 def estimate_loss(model, eval_batches, device, dtype, stop=None):
     """Mean loss over fixed batches per split, so curves are comparable between evaluations.
 

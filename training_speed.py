@@ -20,6 +20,7 @@ from ensemble import teacher_log_probs
 from models import TinyGPT
 from utils import autocast, batch_shape, get_batch, rng_states, set_rng_states
 
+
 def should_compile(config, device):
     """--compile auto compiles on CUDA, and on a CPU for a time budget of 2 minutes or more: on a
     2-core CPU, compiling takes 10 to 30 s the first time (about 3 s once PyTorch has cached the
@@ -27,7 +28,6 @@ def should_compile(config, device):
     if config.compile != "auto":
         return config.compile == "on"
     return device.type == "cuda" or (device.type == "cpu" and config.time_budget >= 120)
-
 
 
 def warm_up(r):

@@ -1,4 +1,4 @@
-"""What train.py and play.py share: text, the tokenizer, batches, evaluation, checkpoints.
+"""What a learner needs beside the model: the tokenizer, batches, evaluation, checkpoints.
 
     load_model(path, device="cpu") -> (model, tokenizer, config)   a checkpoint, ready to sample
     get_batch(data, batch_size, block_size)  -> (x, y)             random windows for training
@@ -101,7 +101,6 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
 
-
 def file_sha256(path):
     """The SHA-256 of a file, read 16 MiB at a time."""
     digest = hashlib.sha256()
@@ -179,7 +178,6 @@ def eval_windows(n_ids, block_size, max_chars=FULL_EVAL_CHARS):
     return np.linspace(0, n_targets - block_size, count).round().astype(np.int64), 0
 
 
-@torch.no_grad()
 def autocast(device, dtype):
     """Mixed precision for the forward pass: matmuls in bf16 or fp16, weights and optimizer in fp32."""
     if dtype == torch.float32:
@@ -187,7 +185,7 @@ def autocast(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-
+@torch.no_grad()
 def eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.float32,
               max_chars=FULL_EVAL_CHARS):
     """Mean cross-entropy over the windows of eval_windows. Returns (loss, characters scored).
@@ -285,7 +283,7 @@ def check_writable(path, flag="--out"):
 #   val_loss     the validation loss estimate of the best step so far
 #   history      one dict per evaluation: step, train_loss, val_loss, lr, tokens_per_s, time_s
 #   run          where and how it was trained: git commit, device, dtype, torch, time, figures
-# The NAME.last.pth training state adds optimizer, rng, best_step and finished, for --resume.
+# The NAME.last.pth training state adds optimizer, scaler, rng, best_step and finished, for --resume.
 
 
 def temp_file(folder, suffix):

@@ -151,6 +151,8 @@ PLAY_ERRORS = [
     (["--weights", "{weights}", "--top_p", "1.5"], "--top_p must be in (0, 1]"),
     (["--weights", "{weights}", "--temperature", "-1"], "--temperature must be 0 (greedy) or positive"),
     (["--weights", "{weights}", "--model", "bigram"], "holds a tinygpt model, not a bigram"),
+    (["--model", "bigram", "--dtype", "int8"], "--dtype int8 needs PyTorch's int8 kernel"),
+    (["--model", "bigram", "--dtype", "int8", "--no_cache"], "--dtype int8 needs PyTorch's int8 kernel"),
     (["--model", "trigram"], "invalid choice: 'trigram'"),
     (["--lenght", "5"], "unrecognized arguments: --lenght"),
 ]
