@@ -21,8 +21,6 @@ from tqdm import tqdm
 from config import MODELS
 from devices import get_device
 from engine import SamplingPath, pick_sampling_path, prepared_or_explained
-from explorer.server import serve
-from pictures import plot_attention
 from utils import SHIPPED_WEIGHTS, SmollError, load_model, read_text
 
 INTERACTIVE_HELP = """\
@@ -224,6 +222,7 @@ def draw_attention(model, tokenizer, config, prompt, path, device):
                          f"{config.block_size}: shorten it (under 40 keeps the picture readable).")
     idx = torch.tensor([tokenizer.encode(prompt, what="--prompt")], device=device)  # (1, T)
     maps = model.attention_maps(idx)  # (n_layer, n_head, T, T)
+    from pictures import plot_attention  # the pictures and the explorer are imported when asked for
     plot_attention(maps, list(prompt), path, title=f"attention of {config.model} on {prompt!r}")
     print(f"attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over "
           f"{len(prompt)} characters: {path}")
@@ -252,6 +251,7 @@ def play(args):
         draw_attention(model, tokenizer, config, prompt, args.attention, device)
         return
     if args.web:
+        from explorer.server import serve
         serve(args, model, decoder, tokenizer, config, device)
         return
     if args.seed is not None:

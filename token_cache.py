@@ -1,6 +1,7 @@
 """Token files: a text of any size, encoded once, read in bounded memory.
 
-train.py calls load_tokens(path) -> (ids, tokenizer); everything else here is how the encoded
+train.py (through distributed.load_data) and eval_table.py call
+load_tokens(path) -> (ids, tokenizer); everything else here is how the encoded
 text is kept, found again and checked. The tokenizer itself is utils.CharTokenizer.
 """
 
@@ -26,7 +27,7 @@ from utils import (UNKNOWN, CharTokenizer, SmollError, file_sha256, reading, tem
 # A cached file is checked each time it is opened (check_token_file): one that does not match its
 # description or its text, or holds an id outside its vocabulary, is encoded again.
 
-CHUNK_BYTES = 1 << 24  # how much of the text is decoded at a time while encoding
+CHUNK_BYTES = 1 << 24  # how much of a file is read at a time: the text while encoding, the ids while checking
 
 def cache_dirs(text_path):
     """The folders where the token file of text_path may be kept, most preferred first."""
@@ -114,6 +115,19 @@ def sample_digest(path):
     return digest.hexdigest()
 
 
+def largest_id(bin_path, dtype):
+    """The largest id in a token file, read CHUNK_BYTES at a time with plain file reads into one
+    buffer. Not through a memory map: every page read through one stays in this process's
+    resident memory, which would then grow to the size of the file."""
+    ids = np.empty(max(1, CHUNK_BYTES // np.dtype(dtype).itemsize), dtype=dtype)  # one buffer for every read
+    top = 0
+    with open(bin_path, "rb") as f:
+        while n_bytes := f.readinto(memoryview(ids).cast("B")):
+            if n_bytes >= ids.itemsize:
+                top = max(top, int(ids[:n_bytes // ids.itemsize].max()))
+    return top
+
+
 def check_token_file(meta_path, text_digest):
     """None if the cached NAME.json and NAME.bin are whole and belong to the text whose SHA-256
     is text_digest; otherwise what is wrong with them, as words for a message."""
@@ -134,8 +148,7 @@ def check_token_file(meta_path, text_digest):
             return f"is {size:,} bytes long where its description says {n_ids * np.dtype(dtype).itemsize:,}"
         if sample_digest(bin_path) != meta["sample_sha256"]:
             return "is not what was written (its bytes have changed)"
-        ids = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_ids,))
-        top = max(int(ids[i:i + CHUNK_BYTES].max()) for i in range(0, n_ids, CHUNK_BYTES))
+        top = largest_id(bin_path, dtype)
         if top >= len(vocab):
             return f"holds the id {top}, outside its vocabulary of {len(vocab)}"
     except (OSError, ValueError, KeyError, TypeError) as e:

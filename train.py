@@ -48,7 +48,6 @@ from config import MODELS, PRESETS, Config, add_config_args, config_from_args, c
 from devices import describe_device, resolve_dtype
 from distributed import barrier, gather, leave, load_data, setup_distributed, stop_requested, wrap_ddp
 from ensemble import distillation_loss, load_teachers, teacher_log_probs
-from eval_table import eval_only
 from models import build_model
 from pictures import plot_history
 from training_speed import announce_estimate, format_seconds, should_compile, warm_up
@@ -627,6 +626,7 @@ def main(argv=None):
             parser.error("--ensemble scores several checkpoints together: use it with --eval_only "
                          "--weights A.pth B.pth ...")
         if args.eval_only:
+            from eval_table import eval_only  # imported when asked for: a training run never uses it
             eval_only(args.weights or [SHIPPED_WEIGHTS[args.model]], args.data, args.device or "auto",
                       args.full_eval, args.ensemble)
             return

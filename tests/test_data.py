@@ -1,6 +1,7 @@
 """Token files, the cache and evaluation of big texts: `python -m pytest tests/test_data.py`."""
 
 import errno
+import json
 import os
 
 import numpy as np
@@ -81,6 +82,28 @@ def test_one_changed_character_is_seen_even_with_the_same_size_and_mtime(tmp_pat
     new_ids, tokenizer = load_tokens(path)
     assert "z" in tokenizer.chars and tokenizer.decode(new_ids.tolist())[400] == "z"
     assert len([n for n in os.listdir(own_cache) if n.endswith(".json")]) == 1  # the stale one is gone
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 24])
+def test_an_id_outside_the_vocabulary_in_the_last_chunk_read_is_seen(tmp_path, monkeypatch, own_cache, chunk,
+                                                                      capsys):
+    chars = [chr(c) for c in range(0x4E00, 0x4E00 + 300)]  # uint16 ids: 2 bytes each
+    text = "".join(chars) * 3 + "".join(chars[:101])  # 1,001 ids: the last chunk read is a short one
+    path = write(tmp_path, text)
+    expected, _ = load_tokens(path)
+    expected = np.array(expected)
+    binary = next(own_cache.glob("*.bin"))
+    data = np.fromfile(binary, dtype=np.uint16)
+    data[-1] = 305  # the last id; its sampled hash is rewritten to match: only the range check can see it
+    data.tofile(binary)
+    meta_path = binary.with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "sample_sha256": token_cache.sample_digest(binary)}))
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", chunk)
+    ids, tokenizer = load_tokens(path)
+    err = capsys.readouterr().err
+    assert "holds the id 305, outside its vocabulary of 300" in err and f"encoding '{path}' again" in err
+    assert np.array_equal(ids, expected) and tokenizer.vocab_size == 300
 
 
 @pytest.mark.parametrize("n_chars, dtype", [(300, np.uint16), (70_000, np.uint32)])

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval_table
 import train as train_script
 from config import make_config
 from ensemble import Ensemble, distillation_loss
@@ -68,7 +69,7 @@ def test_eval_only_scores_the_ensemble_beside_its_members(tmp_path, tiny_text, c
         paths.append(str(tmp_path / f"m{seed}.pth"))
         train(make_config(**{**TINY, "seed": seed}), tiny_text, paths[-1], sample_chars=0)
     capsys.readouterr()
-    rows = train_script.eval_only(paths, tiny_text, "cpu", ensemble=True)
+    rows = eval_table.eval_only(paths, tiny_text, "cpu", ensemble=True)
     out = capsys.readouterr().out
     assert "ensemble of 2" in out and "mean of their probabilities" in out
     losses = [float(r["full val loss"].split()[0]) for r in rows]
@@ -161,7 +162,7 @@ def test_training_time_counts_a_teacher_once(tmp_path, tiny_text, teacher, capsy
     student = str(tmp_path / "student.pth")
     train(make_config(**{**TINY, "max_iters": 10}), tiny_text, student, sample_chars=0, teachers=[teacher])
     own = {p: torch.load(p, weights_only=True)["run"]["train_time_s"] for p in (teacher, student)}
-    rows = train_script.eval_only([teacher, student], tiny_text, "cpu", ensemble=True)
+    rows = eval_table.eval_only([teacher, student], tiny_text, "cpu", ensemble=True)
     total, rest = rows[1]["training time"].split(" s (")
     assert float(total) == pytest.approx(own[teacher] + own[student], abs=1)
     assert rest == f"{own[student]:.0f} s + 1 teacher(s))"
