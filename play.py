@@ -12,6 +12,7 @@
 
 import argparse
 import math
+import os
 import sys
 import time
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from config import MODELS
 from devices import get_device
 from engine import SamplingPath, pick_sampling_path, prepared_or_explained
-from utils import SHIPPED_WEIGHTS, SmollError, load_model, read_text
+from utils import DEFAULT_OUT, SHIPPED_WEIGHTS, SmollError, load_model, read_text
 
 INTERACTIVE_HELP = """\
 Type a prompt and press Enter: the model continues it. An empty line starts from scratch.
@@ -231,6 +232,10 @@ def draw_attention(model, tokenizer, config, prompt, path, device):
 def play(args):
     device = get_device(args.device)
     weights = args.weights or SHIPPED_WEIGHTS[args.model or "tinygpt"]
+    yours = DEFAULT_OUT[args.model or "tinygpt"]
+    if args.weights is None and os.path.isfile(yours):  # say which of the two plays, and how to play the other
+        print(f"[the shipped {os.path.relpath(weights)}; the one you trained plays with --weights "
+              f"{os.path.relpath(yours)}]", file=sys.stderr)
     model, tokenizer, config = load_model(weights, device)
     if args.model and args.model != config.model:
         raise SmollError(f"'{weights}' holds a {config.model} model, not a {args.model}: "

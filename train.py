@@ -51,12 +51,10 @@ from ensemble import distillation_loss, load_teachers, teacher_log_probs
 from models import build_model
 from pictures import plot_history
 from training_speed import announce_estimate, format_seconds, should_compile, warm_up
-from utils import (DEFAULT_DATA, FULL_EVAL_CHARS, ROOT, SHIPPED_WEIGHTS, CharTokenizer, SmollError, atomic_save, autocast,
+from utils import (DEFAULT_DATA, DEFAULT_OUT, FULL_EVAL_CHARS, SHIPPED_WEIGHTS, CharTokenizer, SmollError, atomic_save, autocast,
                    batch_shape, check_writable, eval_loss, get_batch, git_commit, load_checkpoint, load_model,
                    replaced_atomically, rng_states, save_checkpoint, set_rng_states, split_data, to_cpu)
 
-DEFAULT_OUT = {"tinygpt": os.path.join(ROOT, "out", "tinygpt.pth"),  # git-ignored: never the shipped models/
-               "bigram": os.path.join(ROOT, "out", "bigram.pth")}
 # The fields a resumed run takes from its checkpoint; device, dtype, compile and grad_accum may
 # change between machines.
 HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype", "compile", "grad_accum"}

@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
 SHIPPED_WEIGHTS = {"tinygpt": os.path.join(ROOT, "models", "tinygpt.pth"),
                    "bigram": os.path.join(ROOT, "models", "model_weights.pth")}  # the Bigram's historic name
+DEFAULT_OUT = {"tinygpt": os.path.join(ROOT, "out", "tinygpt.pth"),  # where train.py writes: git-ignored
+               "bigram": os.path.join(ROOT, "out", "bigram.pth")}
 FULL_EVAL_CHARS = 1 << 18  # a validation split up to this size is scored whole; a larger one is sampled
 
 

@@ -60,3 +60,7 @@ def test_the_readmes_first_training_run_keeps_the_shipped_models_as_they_were(tm
     assert "python play.py --weights out/tinygpt.pth" in result.stdout  # the run says how to play it
     played = run(repo, "play.py", "--weights", "out/tinygpt.pth", "--length", "20", "--seed", "1")
     assert played.returncode == 0 and len(played.stdout) == 21, played.stderr[-2000:]
+    shipped_play = run(repo, "play.py", "--length", "5", "--dtype", "float32")  # plays the shipped one, and says so
+    assert shipped_play.returncode == 0, shipped_play.stderr[-2000:]
+    assert ("[the shipped models/tinygpt.pth; the one you trained plays with --weights out/tinygpt.pth]"
+            in shipped_play.stderr)
