@@ -353,6 +353,11 @@ class ExplorerServer(ThreadingHTTPServer):
                 self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return  # the browser left before its answer was written (a reload, a closed tab): nothing is wrong
+        super().handle_error(request, client_address)
+
 
 def make_server(explorer, host="127.0.0.1", port=0):
     """A threading HTTP server for explorer on host:port (port 0: any free one). Call serve_forever().

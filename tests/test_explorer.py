@@ -446,3 +446,21 @@ def test_the_page_puts_together_events_and_characters_split_across_reads_and_sho
         driver.quit()
         for s in (plain, split, broken):
             s.shutdown()
+
+
+def test_a_browser_that_leaves_before_its_answer_prints_no_traceback(shipped, capsys):
+    server = explorer_server.make_server(shipped, "127.0.0.1", 0)
+    try:
+        for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+            try:
+                raise error
+            except OSError:
+                server.handle_error(None, ("127.0.0.1", 1))
+        assert capsys.readouterr().err == ""
+        try:
+            raise ValueError("a real bug")
+        except ValueError:
+            server.handle_error(None, ("127.0.0.1", 1))
+        assert "ValueError: a real bug" in capsys.readouterr().err  # other errors still show
+    finally:
+        server.server_close()
