@@ -8,6 +8,7 @@ a sentence that names the fix instead of a traceback. Nothing here knows about m
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -116,6 +117,16 @@ def describe_device(device):
     if device.type == "cpu":
         return f"{cpu_info()[0]} CPU, {torch.get_num_threads()} threads"
     return device.type
+
+
+def machine_fingerprint(device):
+    """describe_device, and on a CPU what code built for it depends on: the architecture and a
+    digest of the feature flags. Two CPUs can share a name ("AMD EPYC") and not their instructions,
+    and code compiled for one of them can crash on the other."""
+    if device.type != "cpu":
+        return describe_device(device)
+    flags = hashlib.sha256(" ".join(sorted(cpu_info()[1])).encode()).hexdigest()[:12]
+    return f"{describe_device(device)}, {platform.machine()}, flags {flags}"
 
 
 def cpu_info(path="/proc/cpuinfo"):

@@ -14,21 +14,27 @@ models.py's stream() is the reference: the tests check every path here against i
 knows nothing about text or tokenizers.
 """
 
+import contextlib
 import copy
+import hashlib
 import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from devices import DTYPES, describe_device, read_timings, resolve_dtype, synchronize, timings_path, write_timings
+from devices import (DTYPES, describe_device, machine_fingerprint, read_timings, resolve_dtype, synchronize,
+                     timings_path, write_timings)
 from models import KVCache, TinyGPT, apply_rotary, qk_norm, soft_cap
-from utils import SmollError
+from utils import ROOT, SmollError, file_sha256
 
 # ----------------------------------------------------------------------------------------------
 # Weights that read fast
@@ -252,6 +258,272 @@ class CompiledDecoder:
 
 
 # ----------------------------------------------------------------------------------------------
+# The step compiled ahead of time, kept on disk (CPU)
+#
+# torch.compile's code lives as long as its process: every run traces and compiles the step again,
+# tens of seconds on a 2-core CPU, so it only paid for very long texts. AOTInductor (torch.export,
+# then torch._inductor.aoti_compile_and_package) compiles the Decoder step once into a .pt2
+# package: a shared library with the weights inside. Loading one takes milliseconds and needs no
+# compiler. The packages are kept beside the timings, one per CPU (its flags included), PyTorch
+# version, engine code, model weights, path and batch size. Each has a note (.json) with that key,
+# the package's SHA-256 and its measured step time; a package whose note, file or first step does
+# not match is removed and built again, never trusted. play.py builds them in a background
+# process after a run, or in the run when the text is long enough to pay for it
+# (`python play.py --prepare` builds them on request).
+
+PACKAGE_FORMAT = 1
+PACKAGES_KEPT = 16  # the most recently used ones; older packages are deleted
+STEP_SOURCES = ("engine.py", "models.py")  # the step's code: editing either builds new packages
+
+
+class PackageError(Exception):
+    """A compiled package that cannot be used: missing, changed on disk, broken, or wrong."""
+
+
+class PackagedDecoder:
+    """A Decoder step compiled ahead of time, run from its .pt2 package (see above).
+
+    The package was exported from Decoder.forward with fixed shapes: the ring of every layer in
+    full, a slot and a mask of filled slots as tensors, like CompiledDecoder's graph. Its ring
+    buffers are the KVCache's own, written in place by the compiled code. The eager decoder stays
+    beside it: its rotary tables feed the package, and it checks the package's first step."""
+
+    def __init__(self, decoder, runner):
+        self.decoder, self.run = decoder, runner
+        W, dtype = decoder.window, decoder.model.token_embedding.weight.dtype
+        self.slot = torch.zeros(1, dtype=torch.long)  # reused: one tensor fewer to make per step
+        self.all_slots = torch.ones(1, 1, 1, W, dtype=torch.bool)  # the mask once the ring is full
+        self.slots = torch.arange(W)
+        # This position's RoPE rows are copied into tensors of their own: a row handed over as a
+        # view at the start of a larger table came out as NaN (AOTInductor, PyTorch 2.13).
+        self.cos, self.sin = torch.empty(decoder.hs, dtype=dtype), torch.empty(decoder.hs, dtype=dtype)
+
+    def step(self, idx, cache):
+        d, pos = self.decoder, cache.pos
+        W = d.window
+        ring = [b for i in range(len(d.layers)) for b in cache.buffers(i, idx.size(0), d.n_head, d.hs, idx.device)]
+        mask = self.all_slots if pos >= W - 1 else (self.slots <= pos)[None, None, None]  # (1, 1, 1, W)
+        cos, sin = d.rotary(pos, idx.device, self.cos.dtype)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.slot.fill_(pos % W)
+        (logits,) = self.run([idx, self.cos, self.sin, self.slot, mask, *ring])
+        cache.pos += 1
+        return logits
+
+
+class _FlatStep(nn.Module):
+    """Decoder.forward with tensors only for inputs (ring buffers flattened): what torch.export takes.
+    The model is a submodule, so its weights go into the package as parameters."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.model, self.decoder = decoder.model, decoder
+
+    def forward(self, idx, cos, sin, slot, mask, *ring):
+        return self.decoder.forward(idx, cos, sin, list(zip(ring[0::2], ring[1::2])), slot, None, mask)
+
+
+def example_inputs(decoder, batch_size, device):
+    """One step's inputs, shaped as every step's: the ids, RoPE's cos and sin, the slot, the mask, the ring."""
+    cache = KVCache(decoder.window)
+    ring = [b for i in range(len(decoder.layers)) for b in cache.buffers(i, batch_size, decoder.n_head, decoder.hs,
+                                                                          device)]
+    cos, sin = decoder.rotary(0, device, decoder.model.token_embedding.weight.dtype)
+    return [torch.zeros(batch_size, 1, dtype=torch.long, device=device), cos, sin,
+            torch.zeros(1, dtype=torch.long, device=device), torch.ones(1, 1, 1, decoder.window, dtype=torch.bool,
+                                                                        device=device), *ring]
+
+
+def weights_digest(model):
+    """SHA-256 of a model's parameters and buffers: which model a package holds. Kept on the model
+    with its tensors' addresses and versions, so that a run hashes its model once."""
+    memo = tuple((t.data_ptr(), t._version) for t in model.state_dict().values())
+    kept = getattr(model, "_weights_digest", None)
+    if kept is None or kept[0] != memo:
+        model._weights_digest = kept = (memo, _hash_tensors(model))
+    return kept[1]
+
+
+def _hash_tensors(model):
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def code_digest():
+    digest = hashlib.sha256()
+    for name in STEP_SOURCES:
+        with open(os.path.join(ROOT, name), "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def package_key(model, path, device, batch_size):
+    """What a package depends on, as a dict stored in its note. model: the float32 model as loaded."""
+    return {"format": PACKAGE_FORMAT, "machine": machine_fingerprint(device), "torch": torch.__version__,
+            "code": code_digest(), "model": weights_digest(model), "path": str(path), "batch": batch_size,
+            "shape": {k: getattr(model, k, None) for k in ("block_size", "logit_cap")}}
+
+
+def package_files(key, folder=None):
+    """The package's .pt2 and its note's .json, named by a digest of the key."""
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    folder = folder or timings_path("packages")
+    return os.path.join(folder, name + ".pt2"), os.path.join(folder, name + ".json")
+
+
+def read_note(key, folder=None):
+    """The note of key's package, or None where there is none or it is another package's."""
+    note = read_timings(package_files(key, folder)[1])
+    return note if note.get("key") == key else None
+
+
+def remove_package(key, folder=None):
+    for file in package_files(key, folder):
+        with contextlib.suppress(OSError):
+            os.remove(file)
+
+
+def load_package(decoder, key, folder=None):
+    """A PackagedDecoder for key's package, checked: its file is the one its note describes, it
+    loads, and its first step gives the eager decoder's logits. Raises PackageError otherwise.
+    Returns (decoder, seconds it took)."""
+    t0 = time.perf_counter()
+    pt2, note_file = package_files(key, folder)
+    note = read_note(key, folder)
+    if note is None or "sha256" not in note:
+        raise PackageError("no package built for this model, path and machine")
+    try:
+        if file_sha256(pt2) != note["sha256"]:
+            raise PackageError(f"{pt2} has changed since it was built")
+        loader = torch._C._aoti.AOTIModelPackageLoader(pt2, "model", False, 1, -1)  # aoti_load_package, minus
+    except (OSError, RuntimeError, AttributeError) as e:  # importing torch._inductor: 2 s here
+        raise PackageError(f"{pt2} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    packaged = PackagedDecoder(decoder, loader.run)
+    idx = torch.zeros(note["key"]["batch"], 1, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            expected, got = decoder.step(idx, KVCache(decoder.window)), packaged.step(idx, KVCache(decoder.window))
+        _check_close(got, expected, tolerance=1e-3 if key["path"].startswith("float32") else 0.05)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise PackageError(f"{pt2}'s first step does not match the model's ({e})")
+    with contextlib.suppress(OSError):
+        os.utime(note_file)  # recently used: kept when old packages are pruned
+    return packaged, time.perf_counter() - t0
+
+
+def build_package(model, path, device, batch_size, folder=None):
+    """Compile path's decoding step for model (the float32 model as loaded) into a package, time it,
+    and write its note. Returns the note; None where another process is building it already.
+    Where the path cannot run or the compiler fails, the note says why (and no package is kept),
+    so that runs do not try again until PyTorch, the code or the model change."""
+    key = package_key(model, path, device, batch_size)
+    pt2, note_file = package_files(key, folder)
+    os.makedirs(os.path.dirname(pt2), exist_ok=True)
+    lock = pt2 + ".lock"
+    try:
+        if time.time() - os.path.getmtime(lock) < 3600:
+            return None  # being built by another process
+        os.remove(lock)  # left by a build that died
+    except OSError:
+        pass
+    try:
+        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    tmp = f"{pt2[:-4]}.{os.getpid()}.tmp.pt2"
+    try:
+        prepared = prepare_path(model, SamplingPath(path.dtype), device, pack=False)  # oneDNN's packed weights cannot be exported
+        if prepared is None:
+            return _write_note(note_file, {"key": key, "failed": f"{path.dtype} cannot run here"})
+        fast_model, _ = prepared
+        fast_model.requires_grad_(False)
+        decoder = Decoder(fast_model)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", timings_path("inductor"))
+        t0 = time.perf_counter()
+        try:
+            import torch._inductor  # noqa: F401 (2 s to import: only when building)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # export's notes on lifted constants, not for users
+                exported = torch.export.export(_FlatStep(decoder), tuple(example_inputs(decoder, batch_size, device)))
+                torch._inductor.aoti_compile_and_package(exported, package_path=tmp)
+        except Exception as e:  # a compiler error, or an op export or AOTInductor cannot take
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            return _write_note(note_file, {"key": key, "failed": f"compiling failed: {reason}"})
+        build_s = time.perf_counter() - t0
+        os.replace(tmp, pt2)
+        note = {"key": key, "sha256": file_sha256(pt2), "build_s": build_s}
+        _write_note(note_file, note)
+        try:
+            packaged, load_s = load_package(prepare_path(model, SamplingPath(path.dtype), device)[1], key, folder)
+        except PackageError as e:
+            remove_package(key, folder)
+            return _write_note(note_file, {"key": key, "failed": str(e)})
+        note.update(load_s=load_s, step_s=time_steps(fast_model, packaged, batch_size, device))
+        _write_note(note_file, note)
+        _prune(os.path.dirname(pt2))
+        return note
+    finally:
+        for file in (tmp, lock):
+            with contextlib.suppress(OSError):
+                os.remove(file)
+
+
+def _write_note(note_file, note):
+    write_timings(note_file, note)
+    return note
+
+
+def _prune(folder, keep=PACKAGES_KEPT):
+    """Delete all but the `keep` most recently used packages."""
+    with contextlib.suppress(OSError):
+        notes = sorted((e for e in os.scandir(folder) if e.name.endswith(".json")),
+                       key=lambda e: e.stat().st_mtime, reverse=True)
+        for entry in notes[keep:]:
+            for file in (entry.path, entry.path[:-5] + ".pt2"):
+                with contextlib.suppress(OSError):
+                    os.remove(file)
+
+
+def packages_to_build(model, device, dtype_flag="auto", batch_size=1):
+    """The compiled paths worth building for this model here that have no package (nor a note
+    saying why they cannot be built): what a background build would make."""
+    if device.type != "cpu" or not isinstance(model, TinyGPT) or not have_compiler(device):
+        return []
+    paths = [SamplingPath(p.dtype, compiled=True) for p in eager_candidates(device, dtype_flag)]
+    return [p for p in paths if read_note(package_key(model, p, device, batch_size)) is None]
+
+
+def build_in_background(weights, dtype_flag="auto", batch_size=1):
+    """Start `python play.py --prepare` for these weights in a process of its own, at the lowest
+    priority, and return it (None where SMOLL_BACKGROUND_BUILD=0 says not to). It outlives this
+    run; its output goes to packages/build.log in the cache folder."""
+    if os.environ.get("SMOLL_BACKGROUND_BUILD", "1") == "0":
+        return None
+    log_file = os.path.join(timings_path("packages"), "build.log")
+    command = [sys.executable, os.path.join(ROOT, "play.py"), "--prepare", "--weights", os.path.abspath(weights),
+               "--device", "cpu", "--dtype", dtype_flag, "--num_samples", str(batch_size)]
+    options = {}
+    if os.name == "posix":
+        options["start_new_session"] = True  # Ctrl-C in this terminal does not stop it
+        if shutil.which("nice"):
+            command = [shutil.which("nice"), "-n", "19", *command]
+    else:
+        options["creationflags"] = subprocess.IDLE_PRIORITY_CLASS | subprocess.CREATE_NEW_PROCESS_GROUP
+    try:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        with open(log_file, "a", encoding="utf-8") as log:
+            return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=ROOT, **options)
+    except OSError:
+        return None  # an unwritable cache: this run and the next sample eagerly
+
+
+# ----------------------------------------------------------------------------------------------
 # How to sample on this machine: timed, not guessed
 #
 # Which precision samples fastest depends on the processor, not on its feature flags: on one CPU
@@ -303,20 +575,24 @@ def worth_compiling(eager_step_seconds, n_steps, compile_seconds=COMPILE_GUESS_S
     return n_steps * eager_step_seconds / 2 > compile_seconds
 
 
-def prepare_path(model, path, device):
+def prepare_path(model, path, device, batch_size=1, pack=True, folder=None):
     """A copy of model set up for path, and its decoder (None for a model without one).
-    Returns None where this PyTorch cannot run the path (int8 without its kernel)."""
-    model = copy.deepcopy(model)
+    Returns None where this PyTorch cannot run the path (int8 without its kernel). A compiled
+    path on a CPU loads its package (PackageError where there is no good one: build_package);
+    on CUDA it is compiled here, by torch.compile."""
+    original, model = model, copy.deepcopy(model)
     model.to(torch.bfloat16 if path.dtype == "int8" else DTYPES[path.dtype])
     if path.dtype == "int8":
         if device.type != "cpu" or not quantize_for_cpu_sampling(model):
             return None
-    else:
+    elif pack:
         pack_for_cpu_sampling(model)  # bfloat16 on a CPU only: the same numbers, read faster
     if not isinstance(model, TinyGPT):
         return model, None
     decoder = Decoder(model)
-    if path.compiled:  # PyTorch caches compiled code in /tmp unless told; beside the timings it outlives a reboot
+    if path.compiled and device.type == "cpu":
+        decoder, _ = load_package(decoder, package_key(original, path, device, batch_size), folder)
+    elif path.compiled:  # PyTorch caches compiled code in /tmp unless told; beside the timings it outlives a reboot
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", timings_path("inductor"))
         decoder = CompiledDecoder(decoder, mode=compile_mode(device))
     return model, decoder
@@ -362,20 +638,24 @@ def decision_key(model, config, device, batch_size):
     shape = {k: getattr(config, k) for k in ("model", "n_layer", "n_head", "n_embd", "block_size",
                                              "activation", "qk_norm", "logit_cap")}
     vocab = model.lm_head.out_features
-    return (f"{describe_device(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
+    return (f"{machine_fingerprint(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
             f"| vocab {vocab} | batch {batch_size}")
 
 
 def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_chars=500, batch_size=1,
                        log=None):
     """Time the candidate paths (or read their timings from the cache), and return the fastest
-    for n_chars characters as (path, model, decoder, report): report says what was measured."""
+    for n_chars characters as (path, model, decoder, report): report says what was measured.
+    A compiled path counts what it still costs in this run: on a CPU, loading its package where
+    one is built (or building it, where the text is long enough to pay for that); on CUDA, compiling."""
     if not isinstance(model, TinyGPT):  # the Bigram is one table lookup: nothing to choose
         path = SamplingPath(dtype_flag if dtype_flag != "auto" else "float32")
         return (path, *prepared_or_explained(model, path, device), f"{path} (a Bigram has one path)")
+    log = log or (lambda line: None)
     key, store = decision_key(model, config, device, batch_size), timings_path("sampling_paths.json")
     timings_kept = read_timings(store)
     known = timings_kept.get(key, {})
+    kept_before = json.dumps(known, sort_keys=True)
     timings = {}  # path -> seconds per step
     ready = {}  # path -> (model, decoder) set up in this run
     source = "from the cache"
@@ -390,31 +670,96 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
         ready[path] = prepared
         timings[path] = time_steps(*prepared, batch_size, device)
         source = "timed now"
-    best = choose_path(timings, n_chars)
-    if not eager and have_compiler(device):
+    known["steps"] = {**known.get("steps", {}), **{str(p): s for p, s in timings.items()}}
+    best, loaded = choose_path(timings, n_chars), ""
+    if not eager and device.type == "cpu":
+        best, loaded = choose_with_packages(model, device, timings, ready, known, n_chars, batch_size, log)
+    elif not eager and have_compiler(device):  # CUDA: torch.compile, in this run
         compiled = SamplingPath(best.dtype, compiled=True)
         compile_s = known.get("compile_s", {}).get(str(compiled))
-        if str(compiled) in known.get("steps", {}):
+        if str(compiled) in known["steps"]:
             timings[compiled] = known["steps"][str(compiled)]
         elif worth_compiling(timings[best], n_chars, compile_s or COMPILE_GUESS_S):
-            if log:
-                log(f"compiling the decoding step ({compiled}): it can pay back over {n_chars:,} characters")
+            log(f"compiling the decoding step ({compiled}): it can pay back over {n_chars:,} characters")
             t0 = time.perf_counter()
             ready[compiled] = prepare_path(model, compiled, device)
-            timings[compiled] = time_steps(*ready[compiled], batch_size, device)
-            compile_s = time.perf_counter() - t0
-            known.setdefault("compile_s", {})[str(compiled)] = compile_s
-            source = "timed now"
+            timings[compiled] = known["steps"][str(compiled)] = time_steps(*ready[compiled], batch_size, device)
+            known.setdefault("compile_s", {})[str(compiled)] = compile_s = time.perf_counter() - t0
         if compiled in timings:
             # compiled code is cached on disk by PyTorch, but loading it again still takes time
             cost = {} if compiled in ready else {compiled: compile_s or COMPILE_GUESS_S}
             best = choose_path(timings, n_chars, cost)
-    known["steps"] = {**known.get("steps", {}), **{str(p): s for p, s in timings.items()}}
     timings_kept[key] = known
-    if source == "timed now":
+    if json.dumps(known, sort_keys=True) != kept_before:
         write_timings(store, timings_kept)
     if best not in ready:
-        ready[best] = prepare_path(model, best, device)
+        ready[best] = prepare_path(model, best, device, batch_size)
     figures = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in sorted(timings.items(), key=lambda kv: kv[1]))
-    report = f"{best} ({source}, ms per step: {figures})"
+    report = f"{best} ({source}{loaded}, ms per step: {figures})"
     return (best, *ready[best], report)
+
+
+def choose_with_packages(model, device, timings, ready, known, n_chars, batch_size, log):
+    """pick_sampling_path's choice on a CPU, where compiled steps come as packages (see above): a
+    package already built costs its load time; a missing one is built in this run only where
+    the text pays for the build, else after the run (play.py). Returns (path, what was loaded)."""
+    costs = {}
+    for path in [p for p in timings if not p.compiled]:
+        compiled = SamplingPath(path.dtype, compiled=True)
+        note = read_note(package_key(model, compiled, device, batch_size))
+        if note and "step_s" in note:
+            timings[compiled], costs[compiled] = note["step_s"], note["load_s"]
+    best = choose_path(timings, n_chars, costs)
+    compiled = SamplingPath(best.dtype, compiled=True)
+    build_s = known.get("compile_s", {}).get(str(compiled), COMPILE_GUESS_S)
+    if not best.compiled and have_compiler(device) and worth_compiling(timings[best], n_chars, build_s):
+        log(f"compiling the decoding step ({compiled}) for this machine: it pays back over {n_chars:,} "
+            f"characters, and later runs load it")
+        t0 = time.perf_counter()
+        note = build_package(model, compiled, device, batch_size)
+        known.setdefault("compile_s", {})[str(compiled)] = time.perf_counter() - t0
+        if note and "step_s" in note:
+            timings[compiled], costs[compiled] = note["step_s"], 0.0
+            best = choose_path(timings, n_chars, costs)
+    if not best.compiled:
+        return best, ""
+    t0 = time.perf_counter()
+    try:
+        ready[best] = prepare_path(model, best, device, batch_size)
+    except PackageError as e:  # changed, broken or foreign: removed, and built again after this run
+        remove_package(package_key(model, best, device, batch_size))
+        log(f"{e}: sampling eagerly, and building it again")
+        return choose_path({p: s for p, s in timings.items() if not p.compiled}, n_chars), ""
+    return best, f"; its package loaded and checked in {1e3 * (time.perf_counter() - t0):.0f} ms"
+
+
+def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log=print):
+    """play.py --prepare: build (or find) the package of every compiled path worth having here,
+    saying what each one measures against the eager paths. Raises SmollError where none can be built."""
+    if not isinstance(model, TinyGPT):
+        raise SmollError("a Bigram samples with one table lookup: there is nothing to compile.")
+    if device.type != "cpu":
+        raise SmollError(f"--prepare builds compiled steps for a CPU; on {device.type}, play.py compiles in the "
+                         f"run where it pays: drop --prepare, or add --device cpu.")
+    if not have_compiler(device):
+        raise SmollError("--prepare needs a C++ compiler (g++ or clang++) to build: install one (e.g. apt install "
+                         "g++). play.py works without it, eagerly.")
+    _, _, _, report = pick_sampling_path(model, config, device, dtype_flag, eager=True, batch_size=batch_size)
+    log(f"eager: {report}")
+    for path in [SamplingPath(p.dtype, compiled=True) for p in eager_candidates(device, dtype_flag)]:
+        key = package_key(model, path, device, batch_size)
+        note = read_note(key)
+        if note and "step_s" in note and os.path.exists(package_files(key)[0]):
+            log(f"{path}: ready, {1e3 * note['step_s']:.2f} ms per step ({package_files(key)[0]})")
+            continue
+        log(f"{path}: compiling (a minute or so on 2 cores)...")
+        note = build_package(model, path, device, batch_size)
+        if note is None:
+            log(f"{path}: another process is building it now")
+        elif "failed" in note:
+            log(f"{path}: not built: {note['failed']}")
+        else:
+            log(f"{path}: built in {note['build_s']:.0f} s, {1e3 * note['step_s']:.2f} ms per step, "
+                f"loads in {1e3 * note['load_s']:.0f} ms")
+    path, _, _, report = pick_sampling_path(model, config, device, dtype_flag, batch_size=batch_size)
+    log(f"play.py now samples with: {report}")

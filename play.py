@@ -7,6 +7,7 @@
     python play.py --weights out/mine.pth --seed 7 --num_samples 3
     python play.py --attention out/attention.png --prompt "ROMEO: I love"   # draw the attention maps
     python play.py --web                            # the explorer: a local web page (see explorer/)
+    python play.py --prepare                        # compile the decoding step for this CPU now
 """
 
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from config import MODELS
 from devices import get_device
-from engine import SamplingPath, pick_sampling_path, prepared_or_explained
+from engine import (SamplingPath, build_in_background, packages_to_build, pick_sampling_path, prepare_packages,
+                    prepared_or_explained)
 from utils import DEFAULT_OUT, SHIPPED_WEIGHTS, SmollError, load_model, read_text
 
 INTERACTIVE_HELP = """\
@@ -65,7 +67,13 @@ def build_parser():
                              "float32 the cache gives exactly the text of --no_cache; in lower "
                              "precisions rounding can make the two differ")
     parser.add_argument("--eager", action="store_true",
-                        help="never compile the decoding step, even where timing says it would pay")
+                        help="never compile the decoding step, nor build it in the background")
+    parser.add_argument("--prepare", action="store_true",
+                        help="compile the decoding step for this CPU, model and --num_samples now, "
+                             "about a minute per path on 2 cores, and say how fast each one samples. "
+                             "Later runs load it in milliseconds. Without this flag, play.py builds it "
+                             "in a background process after its first run (SMOLL_BACKGROUND_BUILD=0: "
+                             "never)")
     parser.add_argument("--interactive", action="store_true",
                         help="a prompt loop in the terminal; /help lists its commands")
     parser.add_argument("--verbose", action="store_true",
@@ -119,6 +127,9 @@ def check_args(parser, args):
         parser.error("--web serves the explorer: drop --interactive, --attention, --num_samples and --no_cache.")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, got {args.port}.")
+    if args.prepare and (args.web or args.interactive or args.attention or args.no_cache or args.eager):
+        parser.error("--prepare builds the compiled step and exits: drop --web, --interactive, --attention, "
+                     "--no_cache and --eager.")
     if args.interactive and (args.attention or args.num_samples > 1):
         parser.error("--interactive writes one continuation at a time: drop --attention and --num_samples.")
 
@@ -240,6 +251,10 @@ def play(args):
     if args.model and args.model != config.model:
         raise SmollError(f"'{weights}' holds a {config.model} model, not a {args.model}: "
                          f"drop --model, or pass --weights of a {args.model}.")
+    if args.prepare:
+        prepare_packages(model, config, device, args.dtype, args.num_samples)
+        return
+    loaded, dtype_flag = model, args.dtype  # the weights as loaded: what a compiled package is built from
     if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
         path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
         model, decoder = prepared_or_explained(model, path, device)
@@ -255,6 +270,8 @@ def play(args):
     if args.attention:
         draw_attention(model, tokenizer, config, prompt, args.attention, device)
         return
+    if args.web or args.interactive:  # long sessions: the build runs beside them, at the lowest priority
+        build_later(loaded, device, weights, dtype_flag, args)
     if args.web:
         from explorer.server import serve
         serve(args, model, decoder, tokenizer, config, device)
@@ -268,6 +285,18 @@ def play(args):
     n_chars, seconds = write_continuation(model, decoder, tokenizer, prompt, args, device, what)
     if args.verbose:
         report_speed(n_chars, seconds, args, device)
+    build_later(loaded, device, weights, dtype_flag, args)
+
+
+def build_later(model, device, weights, dtype_flag, args):
+    """Where this CPU has no compiled step for the model yet, build it in a background process
+    (engine.build_in_background), so that the next run loads it; this run is not slowed."""
+    if args.eager or args.no_cache or args.attention:
+        return
+    if packages_to_build(model, device, dtype_flag, args.num_samples) and build_in_background(
+            weights, dtype_flag, args.num_samples) and args.verbose:
+        print("[compiling the decoding step for this CPU in the background (`python play.py --prepare` "
+              "waits for it): the next run loads it]", file=sys.stderr)
 
 
 def main(argv=None):

@@ -17,6 +17,9 @@ SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
 # play.py and train.py cache their timings (and token files of read-only folders) in the user's
 # cache folder: keep the suite's, and its subprocesses', apart from the user's own ~/.cache/smoll.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
+# A first run builds its compiled decoding step in a background process: not in the suite, where
+# every run is a first run. The tests that build or load packages say so.
+os.environ["SMOLL_BACKGROUND_BUILD"] = "0"
 
 
 def listen_to_ctrl_c():

@@ -39,7 +39,7 @@ def fake_timer(monkeypatch, timings):
     asked = []
 
     def time_steps(model, decoder, batch_size, device):
-        path = decoder.path if isinstance(decoder, FakeCompiled) else SamplingPath(DTYPE_OF[type(model.lm_head)](model))
+        path = SamplingPath(DTYPE_OF[type(model.lm_head)](model))
         asked.append(path)
         return timings[path]
 
@@ -98,7 +98,7 @@ def test_a_cached_decision_is_ignored_when_the_torch_version_the_cpu_or_the_mode
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     elif change == "cpu":
-        monkeypatch.setattr(engine, "describe_device", lambda device: "Some Other CPU, 2 threads")
+        monkeypatch.setattr(engine, "machine_fingerprint", lambda device: "Some Other CPU, 2 threads, flags 0")
     elif change == "model":
         config = make_config(n_layer=2, n_embd=32, n_head=4, block_size=8, dropout=0.0)
         model = TinyGPT(config, 20).eval()
@@ -115,40 +115,6 @@ def test_dtype_overrides_the_timing(cache_dir, monkeypatch):
     path, fast_model, _, _ = pick_sampling_path(model, config, CPU, dtype_flag="bfloat16", eager=True)
     assert path == BF16 and asked in ([BF16], [])
     assert next(fast_model.parameters()).dtype == torch.bfloat16
-
-
-def test_a_long_run_tries_compiling_only_where_a_compiler_exists_and_it_pays(cache_dir, monkeypatch):
-    model, config = tiny()
-    compiled = SamplingPath("int8", compiled=True)
-    asked = fake_timer(monkeypatch, {**XEON_AMX, compiled: 0.3e-3})
-    monkeypatch.setattr(engine, "have_compiler", lambda device: False)  # an ordinary install without g++
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000)
-    assert path == INT8 and compiled not in asked
-    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
-    real_prepare = engine.prepare_path
-    monkeypatch.setattr(engine, "prepare_path", lambda model, path, device:
-                        (model, FakeCompiled(path)) if path.compiled else real_prepare(model, path, device))
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000)
-    assert compiled in asked and path == compiled  # 1M characters: compiling pays
-    store = cache_dir / "sampling_paths.json"
-    decisions = json.loads(store.read_text())
-    (key,) = decisions
-    assert decisions[key]["compile_s"]["int8 compiled"] >= 0  # measured, and kept for the next run
-    decisions[key]["compile_s"]["int8 compiled"] = 12.0  # as long as compiling takes on a 2-core CPU
-    store.write_text(json.dumps(decisions))
-    asked.clear()
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=500)  # short: not worth compiling again
-    assert path == INT8 and asked == []
-    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=1_000_000, eager=True)  # --eager wins
-    assert path == INT8
-
-
-class FakeCompiled:
-    """Stands in for a CompiledDecoder, so that no test here waits for a compiler."""
-
-    def __init__(self, path):
-        self.path = path
 
 
 def test_a_damaged_decision_file_is_remade(cache_dir, monkeypatch):
