@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
 from devices import cpu_extensions, describe_device, get_device, resolve_dtype, synchronize
-from engine import SamplingPath, choose_path, eager_candidates, have_compiler, prepare_path
+from engine import SamplingPath, build_package, choose_path, eager_candidates, have_compiler, prepare_path
 from eval_table import to_model_ids
 from token_cache import load_tokens
 from train import setup_run, train_step
@@ -144,12 +144,21 @@ def bench_reference_training(model, optimizer, config, device, steps):
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
-def bench_sampling(config, device, path, chars):
+def bench_sampling(config, device, path, chars, folder=None):
     """Characters/s of smoll's KV cache on one sampling path, generating `chars` characters after
-    a prompt that fills the whole window, with the model prepared as play.py prepares it. Returns
-    None where this PyTorch cannot run the path."""
+    a prompt that fills the whole window, with the model prepared as play.py prepares it. A
+    compiled path on a CPU is first built into a package in `folder` (as play.py --prepare does).
+    Returns (chars/s, parameters, seconds spent building), or None where this PyTorch cannot run the path."""
     torch.manual_seed(0)
-    prepared = prepare_path(build_model(config, VOCAB).to(device).eval(), path, device)
+    model = build_model(config, VOCAB).to(device).eval()
+    n_params, build_s = sum(p.numel() for p in model.parameters()), 0.0
+    if path.compiled and device.type == "cpu":
+        t0 = time.perf_counter()
+        note = build_package(model, path, device, 1, folder=folder)
+        build_s = time.perf_counter() - t0
+        if note is None or "failed" in note:
+            return None
+    prepared = prepare_path(model, path, device, folder=folder)
     if prepared is None:
         return None
     model, decoder = prepared
@@ -162,7 +171,7 @@ def bench_sampling(config, device, path, chars):
     for _ in steps:
         pass
     synchronize(device)
-    return chars / (time.perf_counter() - t0)
+    return chars / (time.perf_counter() - t0), n_params, build_s
 
 
 def bench_reference_sampling(config, device, chars):
@@ -231,7 +240,10 @@ def main(argv=None):
                         help="with --window_quality: the sampling path to score (default: --dtype, "
                              "or float32 for auto)")
     parser.add_argument("--compile_sampling", action="store_true",
-                        help="also time the compiled decoding step (compiling takes 10 to 30 s on a CPU)")
+                        help="also time the compiled decoding step of each path: on a CPU the package "
+                             "that play.py builds and loads (20 to 60 s to build each on 2 cores), "
+                             "on CUDA torch.compile with CUDA graphs")
+    parser.add_argument("--sampling_only", action="store_true", help="skip the training benchmarks")
     add_config_args(parser)
     args = parser.parse_args(argv)
     for flag in ("train_steps", "sample_chars", "reference_chars"):
@@ -263,6 +275,12 @@ def main(argv=None):
           f"{config.block_size}, batch {config.batch_size}")
     peak = matmul_peak(device, dtype)
     print(f"matmul peak ({str(dtype)[6:]}, 2048 x 2048): {peak / 1e9:,.0f} GFLOP/s")
+    if not args.sampling_only:
+        bench_all_training(args, config, device, peak, parser)
+    bench_all_sampling(args, config, device)
+
+
+def bench_all_training(args, config, device, peak, parser):
     try:
         t = bench_training(config, device, args.train_steps)
     except SmollError as e:
@@ -280,22 +298,28 @@ def main(argv=None):
         print(f"nanoGPT-style reference (float32, eager, same size): {r['tokens_per_s']:,.0f} tokens/s | "
               f"{r['ms_per_step']:,.1f} ms/step | smoll trains {t['tokens_per_s'] / r['tokens_per_s']:.2f}x "
               f"as fast")
+
+
+def bench_all_sampling(args, config, device):
     reference = bench_reference_sampling(config, device, args.reference_chars)
     print(f"sampling past the window: nanoGPT-style generate (float32, no cache): {reference:,.1f} chars/s")
     paths = eager_candidates(device, "auto")
     if args.compile_sampling and have_compiler(device):
         paths += [SamplingPath(p.dtype, compiled=True) for p in paths]
     speeds = {}
-    for path in paths:
-        speed = bench_sampling(config, device, path, args.sample_chars)
-        if speed is None:
-            print(f"sampling past the window: smoll, {path}: not available in this PyTorch")
-            continue
-        speeds[path] = speed
-        print(f"sampling past the window: smoll with the KV cache, {path}: {speed:,.0f} chars/s | "
-              f"{speed / reference:.1f}x the nanoGPT-style generate")
+    with tempfile.TemporaryDirectory(prefix="smoll-bench-") as folder:  # packages of random weights: not kept
+        for path in paths:
+            measured = bench_sampling(config, device, path, args.sample_chars, folder)
+            if measured is None:
+                print(f"sampling past the window: smoll, {path}: not available in this PyTorch")
+                continue
+            speed, n_params, build_s = speeds[path] = measured
+            built = f" | built in {build_s:.0f} s, once per machine" if build_s else ""
+            print(f"sampling past the window: smoll with the KV cache, {path}: {speed:,.0f} chars/s | "
+                  f"{speed * n_params / 1e9:,.2f} G parameter-tokens/s ({n_params / 1e6:.2f}M parameters) | "
+                  f"{speed / reference:.1f}x the nanoGPT-style generate{built}")
     if speeds:
-        best = choose_path({p: 1 / s for p, s in speeds.items()}, args.sample_chars)
+        best = choose_path({p: 1 / s[0] for p, s in speeds.items()}, args.sample_chars)
         print(f"fastest sampling path here: {best} (play.py times its own choice at start)")
 
 

@@ -20,8 +20,22 @@ def test_bench_reports_training_and_sampling_with_the_reference(capsys):
                      "% of the matmul peak", "nanoGPT-style reference (float32, eager, same size):", "smoll trains",
                      "nanoGPT-style generate (float32, no cache):",
                      "smoll with the KV cache, float32:", "smoll with the KV cache, bfloat16:",
-                     "x the nanoGPT-style generate", "fastest sampling path here: "):
+                     "x the nanoGPT-style generate", "fastest sampling path here: ", "G parameter-tokens/s"):
         assert expected in out
+
+
+def test_bench_sampling_only_reports_parameter_tokens_from_the_model_size(capsys):
+    bench.main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--sampling_only",
+                "--sample_chars", "20", "--reference_chars", "5", "--device", "cpu", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "training (" not in out and "nanoGPT-style reference" not in out
+    line = next(line for line in out.splitlines() if "smoll with the KV cache, float32:" in line)
+    chars_per_s = float(line.split("float32: ")[1].split(" chars/s")[0].replace(",", ""))
+    n_params = sum(p.numel() for p in bench.build_model(make_config(
+        n_layer=1, n_embd=32, n_head=2, block_size=16), bench.VOCAB).parameters())
+    assert f"({n_params / 1e6:.2f}M parameters)" in line
+    reported = float(line.split(" | ")[1].split(" G ")[0])
+    assert reported == pytest.approx(chars_per_s * n_params / 1e9, rel=0.02, abs=0.006)
 
 
 def test_bench_times_train_py_s_own_train_step(monkeypatch):
