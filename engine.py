@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from devices import (DTYPES, describe_device, machine_fingerprint, read_timings, resolve_dtype, synchronize,
+from devices import (DTYPES, machine_fingerprint, read_timings, resolve_dtype, synchronize,
                      timings_path, write_timings)
 from models import KVCache, TinyGPT, apply_rotary, qk_norm, soft_cap
 from utils import ROOT, SmollError, file_sha256
@@ -275,7 +275,8 @@ PACKAGE_FORMAT = 1
 # max_autotune times several kernels for each matmul while building and keeps the fastest: on the
 # Zen 1 EPYC it made the shipped model's step 1.3x to 1.8x faster and the build 2.5x longer (about
 # 70 s). freezing made no difference there; AOTInductor's code is C++ throughout (cpp_wrapper).
-PACKAGE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0}  # 0: no tables on stderr
+PACKAGE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0,  # no tables on stderr
+                   "max_autotune_report_choices_stats": False}
 PACKAGES_KEPT = 16  # the most recently used ones; older packages are deleted
 STEP_SOURCES = ("engine.py", "models.py")  # the step's code: editing either builds new packages
 
@@ -298,6 +299,7 @@ class PackagedDecoder:
         self.slot = torch.zeros(1, dtype=torch.long)  # reused: one tensor fewer to make per step
         self.all_slots = torch.ones(1, 1, 1, W, dtype=torch.bool)  # the mask once the ring is full
         self.slots = torch.arange(W)
+        self.cache, self.ring = None, None
         # This position's RoPE rows are copied into tensors of their own: a row handed over as a
         # view at the start of a larger table came out as NaN (AOTInductor, PyTorch 2.13).
         self.cos, self.sin = torch.empty(decoder.hs, dtype=dtype), torch.empty(decoder.hs, dtype=dtype)
@@ -305,7 +307,11 @@ class PackagedDecoder:
     def step(self, idx, cache):
         d, pos = self.decoder, cache.pos
         W = d.window
-        ring = [b for i in range(len(d.layers)) for b in cache.buffers(i, idx.size(0), d.n_head, d.hs, idx.device)]
+        if cache is not self.cache:  # a new prompt's cache: its buffers never move, so list them once
+            self.cache = cache
+            self.ring = [b for i in range(len(d.layers)) for b in cache.buffers(i, idx.size(0), d.n_head, d.hs,
+                                                                                 idx.device)]
+        ring = self.ring
         mask = self.all_slots if pos >= W - 1 else (self.slots <= pos)[None, None, None]  # (1, 1, 1, W)
         cos, sin = d.rotary(pos, idx.device, self.cos.dtype)
         self.cos.copy_(cos)
