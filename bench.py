@@ -157,6 +157,7 @@ def bench_sampling(config, device, path, chars, folder=None):
         note = build_package(model, path, device, 1, folder=folder)
         build_s = time.perf_counter() - t0
         if note is None or "failed" in note:
+            print(f"sampling past the window: smoll, {path}: not built ({note['failed'] if note else 'locked'})")
             return None
     prepared = prepare_path(model, path, device, folder=folder)
     if prepared is None:

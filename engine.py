@@ -23,6 +23,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -376,7 +377,16 @@ def package_key(model, path, device, batch_size):
     """What a package depends on, as a dict stored in its note. model: the float32 model as loaded."""
     return {"format": PACKAGE_FORMAT, "machine": machine_fingerprint(device), "torch": torch.__version__,
             "code": code_digest(), "model": weights_digest(model), "path": str(path), "batch": batch_size,
-            "shape": {k: getattr(model, k, None) for k in ("block_size", "logit_cap")}}
+            "shape": model_shape(model)}
+
+
+def model_shape(model):
+    """A TinyGPT's shape and options, as far as its weights do not say them (heads, activation)."""
+    block = model.blocks[0]
+    return {"n_layer": len(model.blocks), "n_head": block.attn.n_head, "n_embd": model.lm_head.in_features,
+            "vocab": model.lm_head.out_features, "block_size": model.block_size, "qk_norm": bool(block.attn.qk_norm),
+            "activation": getattr(block.mlp.act, "__name__", type(block.mlp.act).__name__),
+            "logit_cap": model.logit_cap}
 
 
 def package_files(key, folder=None):
@@ -400,7 +410,8 @@ def remove_package(key, folder=None):
 
 def load_package(decoder, key, folder=None):
     """A PackagedDecoder for key's package, checked: its file is the one its note describes, it
-    loads, and its first step gives the eager decoder's logits. Raises PackageError otherwise.
+    loads, and two steps give the eager decoder's logits (the first position, and one far past
+    the window on a full ring of random keys and values). Raises PackageError otherwise.
     Returns (decoder, seconds it took)."""
     t0 = time.perf_counter()
     pt2, note_file = package_files(key, folder)
@@ -410,17 +421,31 @@ def load_package(decoder, key, folder=None):
     try:
         if file_sha256(pt2) != note["sha256"]:
             raise PackageError(f"{pt2} has changed since it was built")
-        loader = torch._C._aoti.AOTIModelPackageLoader(pt2, "model", False, 1, -1)  # aoti_load_package, minus
-    except (OSError, RuntimeError, AttributeError) as e:  # importing torch._inductor: 2 s here
-        raise PackageError(f"{pt2} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-    packaged = PackagedDecoder(decoder, loader.run)
-    idx = torch.zeros(note["key"]["batch"], 1, dtype=torch.long)
-    try:
+        # what torch._inductor.aoti_load_package does, without importing torch._inductor (2 s here)
+        loader = torch._C._aoti.AOTIModelPackageLoader(pt2, "model", False, 1, -1)
+        packaged = PackagedDecoder(decoder, loader.run)
         with torch.no_grad():
-            expected, got = decoder.step(idx, KVCache(decoder.window)), packaged.step(idx, KVCache(decoder.window))
-        _check_close(got, expected, tolerance=1e-3 if key["path"].startswith("float32") else 0.05)
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise PackageError(f"{pt2}'s first step does not match the model's ({e})")
+            for pos in (0, 3 * decoder.window + 5):
+                caches = [KVCache(decoder.window), KVCache(decoder.window)]
+                for cache in caches:
+                    cache.pos = pos
+                if pos:  # the same random past in both caches (a generator of its own: sampling's stays as it is)
+                    numbers = torch.Generator().manual_seed(0)
+                    for i in range(len(decoder.layers)):
+                        for c in caches:
+                            c.buffers(i, key["batch"], decoder.n_head, decoder.hs, torch.device("cpu"))
+                        for a, b in ((caches[0].k[i], caches[1].k[i]), (caches[0].v[i], caches[1].v[i])):
+                            a.copy_(torch.randn(a.shape, generator=numbers))
+                            b.copy_(a)
+                idx = torch.zeros(key["batch"], 1, dtype=torch.long)
+                _check_close(packaged.step(idx, caches[0]), decoder.step(idx, caches[1]),
+                             tolerance=1e-3 if key["path"].startswith("float32") else 0.05)
+    except PackageError:
+        raise
+    except AssertionError as e:
+        raise PackageError(f"{pt2} does not compute the model's logits ({e})")
+    except Exception as e:  # not a package, one for other shapes, or a PyTorch whose loader differs
+        raise PackageError(f"{pt2} does not load ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
     with contextlib.suppress(OSError):
         os.utime(note_file)  # recently used: kept when old packages are pruned
     return packaged, time.perf_counter() - t0
@@ -428,24 +453,17 @@ def load_package(decoder, key, folder=None):
 
 def build_package(model, path, device, batch_size, folder=None):
     """Compile path's decoding step for model (the float32 model as loaded) into a package, time it,
-    and write its note. Returns the note; None where another process is building it already.
-    Where the path cannot run or the compiler fails, the note says why (and no package is kept),
-    so that runs do not try again until PyTorch, the code or the model change."""
+    and write its note. Returns the note; None where another process is building it already, or
+    where the cache folder cannot be written. Where the path cannot run or the build fails, the
+    note says why (and no package is kept), so that runs do not try again until PyTorch, the code
+    or the model change; `play.py --prepare` tries again."""
     key = package_key(model, path, device, batch_size)
     pt2, note_file = package_files(key, folder)
-    os.makedirs(os.path.dirname(pt2), exist_ok=True)
     lock = pt2 + ".lock"
-    try:
-        if time.time() - os.path.getmtime(lock) < 3600:
-            return None  # being built by another process
-        os.remove(lock)  # left by a build that died
-    except OSError:
-        pass
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
+    if not _take_lock(lock):
         return None
     tmp = f"{pt2[:-4]}.{os.getpid()}.tmp.pt2"
+    workdir = tempfile.mkdtemp(prefix="inductor-", dir=os.path.dirname(pt2))  # the build's own files
     try:
         prepared = prepare_path(model, SamplingPath(path.dtype), device, pack=False)  # oneDNN's packed weights cannot be exported
         if prepared is None:
@@ -453,34 +471,70 @@ def build_package(model, path, device, batch_size, folder=None):
         fast_model, _ = prepared
         fast_model.requires_grad_(False)
         decoder = Decoder(fast_model)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", timings_path("inductor"))
         t0 = time.perf_counter()
         try:
             import torch._inductor  # noqa: F401 (2 s to import: only when building)
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), _environ(TORCHINDUCTOR_CACHE_DIR=workdir):
                 warnings.simplefilter("ignore")  # export's notes on lifted constants, not for users
                 exported = torch.export.export(_FlatStep(decoder), tuple(example_inputs(decoder, batch_size, device)))
                 torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=PACKAGE_OPTIONS)
-        except Exception as e:  # a compiler error, or an op export or AOTInductor cannot take
-            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            return _write_note(note_file, {"key": key, "failed": f"compiling failed: {reason}"})
-        build_s = time.perf_counter() - t0
-        os.replace(tmp, pt2)
-        note = {"key": key, "sha256": file_sha256(pt2), "build_s": build_s}
-        _write_note(note_file, note)
-        try:
+            build_s = time.perf_counter() - t0
+            os.replace(tmp, pt2)
+            note = _write_note(note_file, {"key": key, "sha256": file_sha256(pt2), "build_s": build_s})
             packaged, load_s = load_package(prepare_path(model, SamplingPath(path.dtype), device)[1], key, folder)
-        except PackageError as e:
+            note.update(load_s=load_s, step_s=time_steps(fast_model, packaged, batch_size, device))
+        except Exception as e:  # a compiler error, an op that export or AOTInductor cannot take, a bad package
             remove_package(key, folder)
-            return _write_note(note_file, {"key": key, "failed": str(e)})
-        note.update(load_s=load_s, step_s=time_steps(fast_model, packaged, batch_size, device))
+            reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            return _write_note(note_file, {"key": key, "failed": f"building failed: {reason}"})
         _write_note(note_file, note)
         _prune(os.path.dirname(pt2))
         return note
     finally:
-        for file in (tmp, lock):
-            with contextlib.suppress(OSError):
-                os.remove(file)
+        shutil.rmtree(workdir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        _release_lock(lock)
+
+
+def _take_lock(lock, stale_s=3600):
+    """Create the lock file, holding this process's id; False where another process holds it (one
+    younger than stale_s: older ones are from builds that died) or the folder cannot be written."""
+    try:
+        os.makedirs(os.path.dirname(lock), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - os.path.getmtime(lock) > stale_s:
+                os.remove(lock)
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError:  # FileExistsError: held; PermissionError and the like: an unwritable cache
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def _release_lock(lock):
+    """Remove the lock, if it is still this process's (a stale one may have been taken over)."""
+    with contextlib.suppress(OSError):
+        with open(lock) as f:
+            mine = f.read() == str(os.getpid())
+        if mine:
+            os.remove(lock)
+
+
+@contextlib.contextmanager
+def _environ(**values):
+    """Set environment variables for the block, then put back what was there."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _write_note(note_file, note):
@@ -489,14 +543,20 @@ def _write_note(note_file, note):
 
 
 def _prune(folder, keep=PACKAGES_KEPT):
-    """Delete all but the `keep` most recently used packages."""
+    """Delete all but the `keep` most recently used packages, and what builds that died left
+    behind more than a day ago (temp packages, locks, their build folders)."""
     with contextlib.suppress(OSError):
-        notes = sorted((e for e in os.scandir(folder) if e.name.endswith(".json")),
-                       key=lambda e: e.stat().st_mtime, reverse=True)
+        entries = list(os.scandir(folder))
+        notes = sorted((e for e in entries if e.name.endswith(".json")), key=lambda e: e.stat().st_mtime, reverse=True)
         for entry in notes[keep:]:
             for file in (entry.path, entry.path[:-5] + ".pt2"):
                 with contextlib.suppress(OSError):
                     os.remove(file)
+        for entry in entries:
+            if entry.name.endswith((".tmp.pt2", ".lock")) or entry.name.startswith("inductor-"):
+                with contextlib.suppress(OSError):
+                    if time.time() - entry.stat().st_mtime > 86400:
+                        shutil.rmtree(entry.path) if entry.is_dir() else os.remove(entry.path)
 
 
 def packages_to_build(model, device, dtype_flag="auto", batch_size=1):
@@ -514,6 +574,9 @@ def build_in_background(weights, dtype_flag="auto", batch_size=1):
     run; its output goes to packages/build.log in the cache folder."""
     if os.environ.get("SMOLL_BACKGROUND_BUILD", "1") == "0":
         return None
+    lock = os.path.join(timings_path("packages"), "background.lock")  # one background build at a time
+    if not _take_lock(lock):
+        return None
     log_file = os.path.join(timings_path("packages"), "build.log")
     command = [sys.executable, os.path.join(ROOT, "play.py"), "--prepare", "--weights", os.path.abspath(weights),
                "--device", "cpu", "--dtype", dtype_flag, "--num_samples", str(batch_size)]
@@ -525,11 +588,12 @@ def build_in_background(weights, dtype_flag="auto", batch_size=1):
     else:
         options["creationflags"] = subprocess.IDLE_PRIORITY_CLASS | subprocess.CREATE_NEW_PROCESS_GROUP
     try:
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
         with open(log_file, "a", encoding="utf-8") as log:
             return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    cwd=ROOT, **options)
+                                    cwd=ROOT, env={**os.environ, "SMOLL_BACKGROUND_LOCK": lock}, **options)
     except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(lock)
         return None  # an unwritable cache: this run and the next sample eagerly
 
 
@@ -550,7 +614,7 @@ TIMED_STEPS = 24  # decoding steps timed per candidate, after a few untimed ones
 @dataclass(frozen=True)
 class SamplingPath:
     dtype: str  # "float32", "bfloat16", "float16", or "int8" (int8 weights, bfloat16 activations)
-    compiled: bool = False  # the decoding step through torch.compile (CUDA graphs on CUDA)
+    compiled: bool = False  # the step compiled: on a CPU a package built once, on CUDA torch.compile in the run
 
     def __str__(self):
         return self.dtype + (" compiled" if self.compiled else "")
@@ -587,10 +651,10 @@ def worth_compiling(eager_step_seconds, n_steps, compile_seconds=COMPILE_GUESS_S
 
 
 def prepare_path(model, path, device, batch_size=1, pack=True, folder=None):
-    """A copy of model set up for path, and its decoder (None for a model without one).
-    Returns None where this PyTorch cannot run the path (int8 without its kernel). A compiled
-    path on a CPU loads its package (PackageError where there is no good one: build_package);
-    on CUDA it is compiled here, by torch.compile."""
+    """A copy of model set up for path, and its decoder (None for a model without one); None
+    where this PyTorch cannot run the path (int8 without its kernel). A compiled path on a CPU
+    loads its package, and raises PackageError where there is no good one (build_package makes
+    one); on CUDA it is compiled here, by torch.compile."""
     original, model = model, copy.deepcopy(model)
     model.to(torch.bfloat16 if path.dtype == "int8" else DTYPES[path.dtype])
     if path.dtype == "int8":
@@ -682,9 +746,9 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
         timings[path] = time_steps(*prepared, batch_size, device)
         source = "timed now"
     known["steps"] = {**known.get("steps", {}), **{str(p): s for p, s in timings.items()}}
-    best, loaded = choose_path(timings, n_chars), ""
+    best, load_report = choose_path(timings, n_chars), ""
     if not eager and device.type == "cpu":
-        best, loaded = choose_with_packages(model, device, timings, ready, known, n_chars, batch_size, log)
+        best, load_report = choose_with_packages(model, device, timings, ready, known, n_chars, batch_size, log)
     elif not eager and have_compiler(device):  # CUDA: torch.compile, in this run
         compiled = SamplingPath(best.dtype, compiled=True)
         compile_s = known.get("compile_s", {}).get(str(compiled))
@@ -706,14 +770,14 @@ def pick_sampling_path(model, config, device, dtype_flag="auto", eager=False, n_
     if best not in ready:
         ready[best] = prepare_path(model, best, device, batch_size)
     figures = ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in sorted(timings.items(), key=lambda kv: kv[1]))
-    report = f"{best} ({source}{loaded}, ms per step: {figures})"
+    report = f"{best} ({source}{load_report}, ms per step: {figures})"
     return (best, *ready[best], report)
 
 
 def choose_with_packages(model, device, timings, ready, known, n_chars, batch_size, log):
     """pick_sampling_path's choice on a CPU, where compiled steps come as packages (see above): a
     package already built costs its load time; a missing one is built in this run only where
-    the text pays for the build, else after the run (play.py). Returns (path, what was loaded)."""
+    the text pays for the build, else after the run (play.py). Returns (path, a note for the report)."""
     costs = {}
     for path in [p for p in timings if not p.compiled]:
         compiled = SamplingPath(path.dtype, compiled=True)
@@ -722,14 +786,15 @@ def choose_with_packages(model, device, timings, ready, known, n_chars, batch_si
             timings[compiled], costs[compiled] = note["step_s"], note["load_s"]
     best = choose_path(timings, n_chars, costs)
     compiled = SamplingPath(best.dtype, compiled=True)
-    build_s = known.get("compile_s", {}).get(str(compiled), PACKAGE_BUILD_GUESS_S)
-    if not best.compiled and have_compiler(device) and worth_compiling(timings[best], n_chars, build_s):
+    build_s = known.get("build_s", {}).get(str(compiled), PACKAGE_BUILD_GUESS_S)
+    tried = read_note(package_key(model, compiled, device, batch_size))  # a note saying it failed here
+    if (not best.compiled and tried is None and have_compiler(device)
+            and worth_compiling(timings[best], n_chars, build_s)):
         log(f"compiling the decoding step ({compiled}) for this machine: it pays back over {n_chars:,} "
             f"characters, and later runs load it")
-        t0 = time.perf_counter()
         note = build_package(model, compiled, device, batch_size)
-        known.setdefault("compile_s", {})[str(compiled)] = time.perf_counter() - t0
-        if note and "step_s" in note:
+        if note and "step_s" in note:  # built (not failed, nor locked by another build)
+            known.setdefault("build_s", {})[str(compiled)] = note["build_s"]
             timings[compiled], costs[compiled] = note["step_s"], 0.0
             best = choose_path(timings, n_chars, costs)
     if not best.compiled:
@@ -755,6 +820,15 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
     if not have_compiler(device):
         raise SmollError("--prepare needs a C++ compiler (g++ or clang++) to build: install one (e.g. apt install "
                          "g++). play.py works without it, eagerly.")
+    try:
+        _prepare_each(model, config, device, dtype_flag, batch_size, log)
+    finally:  # a background build (build_in_background) lets the next one start
+        if os.environ.get("SMOLL_BACKGROUND_LOCK"):
+            with contextlib.suppress(OSError):
+                os.remove(os.environ["SMOLL_BACKGROUND_LOCK"])
+
+
+def _prepare_each(model, config, device, dtype_flag, batch_size, log):
     _, _, _, report = pick_sampling_path(model, config, device, dtype_flag, eager=True, batch_size=batch_size)
     log(f"eager: {report}")
     for path in [SamplingPath(p.dtype, compiled=True) for p in eager_candidates(device, dtype_flag)]:

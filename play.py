@@ -254,7 +254,7 @@ def play(args):
     if args.prepare:
         prepare_packages(model, config, device, args.dtype, args.num_samples)
         return
-    loaded, dtype_flag = model, args.dtype  # the weights as loaded: what a compiled package is built from
+    as_loaded, dtype_flag = model, args.dtype  # the float32 weights: what a compiled package is built from
     if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
         path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
         model, decoder = prepared_or_explained(model, path, device)
@@ -271,7 +271,7 @@ def play(args):
         draw_attention(model, tokenizer, config, prompt, args.attention, device)
         return
     if args.web or args.interactive:  # long sessions: the build runs beside them, at the lowest priority
-        build_later(loaded, device, weights, dtype_flag, args)
+        build_later(as_loaded, device, weights, dtype_flag, args)
     if args.web:
         from explorer.server import serve
         serve(args, model, decoder, tokenizer, config, device)
@@ -285,7 +285,7 @@ def play(args):
     n_chars, seconds = write_continuation(model, decoder, tokenizer, prompt, args, device, what)
     if args.verbose:
         report_speed(n_chars, seconds, args, device)
-    build_later(loaded, device, weights, dtype_flag, args)
+    build_later(as_loaded, device, weights, dtype_flag, args)
 
 
 def build_later(model, device, weights, dtype_flag, args):
@@ -294,9 +294,9 @@ def build_later(model, device, weights, dtype_flag, args):
     if args.eager or args.no_cache or args.attention:
         return
     if packages_to_build(model, device, dtype_flag, args.num_samples) and build_in_background(
-            weights, dtype_flag, args.num_samples) and args.verbose:
-        print("[compiling the decoding step for this CPU in the background (`python play.py --prepare` "
-              "waits for it): the next run loads it]", file=sys.stderr)
+            weights, dtype_flag, args.num_samples):
+        print("[compiling the decoding step for this CPU in a background process, a few minutes at the "
+              "lowest priority: later runs load it. --eager: never]", file=sys.stderr)
 
 
 def main(argv=None):

@@ -246,8 +246,12 @@ def test_a_first_run_starts_the_build_in_the_background_after_its_text(cache_dir
     assert "--weights" in command and command[command.index("--dtype") + 1] == "auto"
     if os.name == "posix" and shutil.which("nice"):
         assert command[:3] == [shutil.which("nice"), "-n", "19"] and options["start_new_session"]
-    assert "in the background" in err
+    assert "in a background process" in err
+    assert options["env"]["SMOLL_BACKGROUND_LOCK"].endswith("background.lock")
     started.clear()
+    play.main(["--length", "20", "--seed", "0", "--device", "cpu"])  # one background build at a time
+    assert started == []
+    os.remove(options["env"]["SMOLL_BACKGROUND_LOCK"])  # what the build does when it ends
     play.main(["--length", "20", "--seed", "0", "--device", "cpu", "--eager"])  # --eager: never
     monkeypatch.setenv("SMOLL_BACKGROUND_BUILD", "0")
     play.main(["--length", "20", "--seed", "0", "--device", "cpu"])  # switched off
