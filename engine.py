@@ -14,6 +14,7 @@ models.py's stream() is the reference: the tests check every path here against i
 knows nothing about text or tokenizers.
 """
 
+import atexit
 import contextlib
 import copy
 import hashlib
@@ -463,7 +464,6 @@ def build_package(model, path, device, batch_size, folder=None):
     if not _take_lock(lock):
         return None
     tmp = f"{pt2[:-4]}.{os.getpid()}.tmp.pt2"
-    workdir = tempfile.mkdtemp(prefix="inductor-", dir=os.path.dirname(pt2))  # the build's own files
     try:
         prepared = prepare_path(model, SamplingPath(path.dtype), device, pack=False)  # oneDNN's packed weights cannot be exported
         if prepared is None:
@@ -474,7 +474,8 @@ def build_package(model, path, device, batch_size, folder=None):
         t0 = time.perf_counter()
         try:
             import torch._inductor  # noqa: F401 (2 s to import: only when building)
-            with torch.no_grad(), warnings.catch_warnings(), _environ(TORCHINDUCTOR_CACHE_DIR=workdir):
+            _compiler_folder(os.path.dirname(pt2))
+            with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # export's notes on lifted constants, not for users
                 exported = torch.export.export(_FlatStep(decoder), tuple(example_inputs(decoder, batch_size, device)))
                 torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs=PACKAGE_OPTIONS)
@@ -491,7 +492,6 @@ def build_package(model, path, device, batch_size, folder=None):
         _prune(os.path.dirname(pt2))
         return note
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.remove(tmp)
         _release_lock(lock)
@@ -522,19 +522,14 @@ def _release_lock(lock):
             os.remove(lock)
 
 
-@contextlib.contextmanager
-def _environ(**values):
-    """Set environment variables for the block, then put back what was there."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def _compiler_folder(folder):
+    """Point PyTorch's compiler at a folder of this process's own, deleted when it exits: the
+    files a build leaves are of no use once its package is written. PyTorch reads the setting once
+    a process, so every build of the process shares it. A TORCHINDUCTOR_CACHE_DIR of the user's own
+    is kept."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = path = tempfile.mkdtemp(prefix="inductor-", dir=folder)
+        atexit.register(shutil.rmtree, path, True)
 
 
 def _write_note(note_file, note):
