@@ -8,6 +8,8 @@ The value a run uses is settled in this order, later winning:
 """
 
 import argparse
+import inspect
+import re
 from dataclasses import dataclass, fields
 
 MODELS = ("tinygpt", "bigram")
@@ -152,8 +154,9 @@ def make_config(model="tinygpt", preset=None, **overrides):
 
 
 def add_config_args(parser):
-    """Add one --<field> flag per Config field; each defaults to None, meaning "not given"."""
-    help_lines = _field_comments()
+    """Add one --<field> flag per Config field; each defaults to None, meaning "not given". Its help
+    is the field's comment above, read from this file, so that --help shows the same words."""
+    help_lines = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(Config), flags=re.MULTILINE))
     group = parser.add_argument_group("hyperparameters (defaults from config.py)")
     for f in fields(Config):
         if f.name == "model":
@@ -186,16 +189,4 @@ def config_from_dict(d):
     """Rebuild a Config from a checkpoint's dict, ignoring keys this version does not know."""
     known = {f.name for f in fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in known})
-
-
-def _field_comments():
-    """Read each field's trailing comment from this file, so --help shows the same words."""
-    import inspect
-    comments = {}
-    for line in inspect.getsource(Config).splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith("#"):
-            name = line.split(":", 1)[0].strip()
-            comments[name] = line.split("#", 1)[1].strip()
-    return comments
 

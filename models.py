@@ -1,17 +1,20 @@
-"""smoll's two character-level language models, built bottom-up, and how text is sampled from them.
+"""smoll's two character-level language models, and how text is sampled from them.
 
-    LanguageModel    -> what both models share: forward(idx, targets) -> (logits, loss), generate()
-    Bigram           -> the baseline: next character from the previous one alone
-    rotary helpers   -> position information for TinyGPT (RoPE)
-    causal_attention -> self-attention written out: softmax(QK^T / sqrt(d) + mask) V
-    CausalSelfAttention, MLP, Block, TinyGPT -> a GPT-style decoder-only transformer
-    sample_next      -> turns the last position's logits into the next character id
-    KVCache, stream  -> generation with a KV cache: the reference every fast path is tested against
+    LanguageModel    -> what both models share: forward(idx, targets) -> (logits, loss), generate, stream
+    Bigram           -> the baseline: the next character from the previous one alone
+    TinyGPT          -> a GPT-style decoder-only transformer, then its parts, whole to detail:
+        Block            one layer: attention, then an MLP, each added to the residual stream
+        CausalSelfAttention, causal_attention, causal_mask   softmax(QK^T / sqrt(d) + mask) V, by heads
+        MLP              widen, a nonlinearity, project back
+        rotary_tables, apply_rotary   where positions come in (RoPE)
+    sample_next, filter_logits, KVCache -> generation: the next character from the logits, and the
+        cache that lets each new character cost one position's work
 
 Both models share one interface: forward(idx, targets=None) -> (logits, loss), where idx holds
 character ids of shape (B, T), logits has shape (B, T, vocab) and loss is the mean cross-entropy
 against targets (or None). train.py and play.py never need to know which model they hold.
-The fast sampling machinery (engine.py) reuses the pieces defined here.
+stream() here is the reference for generation: the fast decoder of smoll/sampling reuses these
+pieces, and the tests check it against stream() without it.
 """
 
 import math
@@ -23,8 +26,7 @@ import torch.nn.functional as F
 
 class LanguageModel(nn.Module):
     """Base class: subclasses set self.block_size and self.receptive_field (how many of the last
-    characters the next prediction can depend on) and define forward(idx, targets=None, cache=None).
-    Sampling is the same for both models: see "Generation" at the end of this file."""
+    characters the next prediction can depend on) and define forward(idx, targets=None, cache=None)."""
 
     block_size: int
     receptive_field: int
@@ -32,13 +34,55 @@ class LanguageModel(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                  decoder=None):
         """Return idx (B, T) extended by max_new_tokens sampled ids: (B, T + max_new_tokens)."""
-        new_ids = list(stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, decoder))
+        new_ids = list(self.stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, decoder))
         return torch.cat([idx, *new_ids], dim=1)
 
+    @torch.no_grad()  # (not inference_mode: its tensors cannot enter a compiled step)
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
                decoder=None, generator=None):
-        """Yield max_new_tokens new ids, each (B, 1), as soon as each is sampled (see stream below)."""
-        return stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, decoder, generator)
+        """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
+
+        use_cache=True runs only the new character through the model at each step (see KVCache).
+        use_cache=False is the plain reference decoder: for every new character it reruns the full
+        forward pass over all of the text that can still reach the prediction. The tests check
+        that the two give the same text, within the context window and past it. Dropout is off
+        while sampling. decoder (smoll/sampling's fast step for this model, or None) computes the
+        same as forward for one new character per sequence, in fewer calls. generator (a
+        torch.Generator) draws the samples instead of PyTorch's global random state.
+
+        The generate of the "Let's build GPT" lecture code (and of nanoGPT) reruns only the last
+        block_size characters. That is the same thing while the text fits in the context window.
+        Past it, cropping is not a cache-free version of the model any more: with more than one
+        layer, the cropped text's first characters lose the context that their deeper-layer states
+        were computed from, at every step. No cache can reproduce that without rerunning the
+        window, so smoll's model defines what happens past the context window instead:
+        sliding-window attention (see TinyGPT.forward).
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache(self.block_size) if use_cache else None
+            unseen = idx  # (B, T): what the cache has not processed yet
+            for _ in range(max_new_tokens):
+                if cache is None:
+                    logits, _ = self(idx[:, -self.receptive_field:])  # (B, <=receptive_field, V)
+                elif decoder is not None and unseen.size(1) == 1:  # one new character per sequence
+                    logits = decoder.step(unseen, cache)[:, None]  # (B, 1, V)
+                else:  # a prompt goes in pieces of block_size; after it, one character at a time
+                    for piece in unseen.split(self.block_size, dim=1):
+                        logits, _ = self(piece, cache=cache)  # (B, <=block_size, V)
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if cache is None:
+                    idx = torch.cat([idx, next_id], dim=1)  # (B, T+1)
+                unseen = next_id
+                yield next_id
+        finally:
+            self.train(was_training)
+
+
+def build_model(config, vocab_size):
+    """The model named by config.model, freshly initialised."""
+    return {"tinygpt": TinyGPT, "bigram": Bigram}[config.model](config, vocab_size)
 
 
 def cross_entropy(logits, targets):
@@ -66,6 +110,227 @@ class Bigram(LanguageModel):
         logits = self.token_embedding_table(idx)  # (B, T, V)
         loss = None if targets is None else cross_entropy(logits, targets)
         return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformer
+
+
+class TinyGPT(LanguageModel):
+    """The transformer: token embeddings, n_layer Blocks, a final LayerNorm and the LM head that
+    turns each position's vector into logits over the vocabulary. Positions enter through RoPE
+    inside attention, so there is no position table."""
+
+    def __init__(self, config, vocab_size):
+        super().__init__()
+        self.block_size = config.block_size
+        # Each layer looks back at most block_size - 1 positions (sliding-window attention past the
+        # context window), so through n_layer layers the next prediction depends on this many characters.
+        self.receptive_field = config.n_layer * (config.block_size - 1) + 1
+        self.token_embedding = nn.Embedding(vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
+        self.logit_cap = config.logit_cap
+        # The rotary tables are derived from the config, so they are not saved in checkpoints.
+        self.head_size = config.n_embd // config.n_head
+        cos, sin = rotary_tables(self.head_size, torch.arange(config.block_size))
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
+        self._far_rope = (0, cos[:0], sin[:0])  # the positions past block_size: see rotary()
+
+        # GPT-2 initialisation: small normal weights. Each block adds two projections onto the
+        # residual stream, so those are scaled down by sqrt(2 * n_layer) to keep its variance flat.
+        # With zero_init they start at zero instead: each block begins as the identity.
+        for p in self.parameters():
+            if p.dim() == 2:  # the weight matrices; the norms' gains start at 1 and their biases at 0
+                nn.init.normal_(p, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.0 if config.zero_init else 0.02 / math.sqrt(2 * config.n_layer))
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> logits (B, T, V) and the loss, or None without targets.
+
+        With a cache, idx holds only the characters the cache has not seen, and it is updated.
+        A sequence longer than block_size gets sliding-window attention: each position attends
+        to the block_size positions ending at itself, exactly what the cache does past the window.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0  # the position of idx[:, 0]
+        x = self.drop(self.token_embedding(idx))  # (B, T, C)
+        cos, sin = self.rotary(start, T)  # (T, hs) each
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # for a bfloat16 model, once rather than per layer
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)  # (B, T, C)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        if self.logit_cap:  # logit soft-capping: every logit squashed smoothly into (-cap, cap)
+            logits = soft_cap(logits, self.logit_cap)
+        loss = None if targets is None else cross_entropy(logits, targets)
+        return logits, loss
+
+    def rotary(self, start, T):
+        """RoPE's cos and sin rows (T, hs) for positions start .. start + T - 1. Training sees the
+        first block_size positions; only sampling with a KV cache, or a longer text, goes past them,
+        and those rows are made 4096 positions at a time and kept for the steps that follow."""
+        if start + T <= self.block_size:
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        first, cos, sin = self._far_rope
+        if not (first <= start and start + T <= first + len(cos)) or cos.device != self.rope_cos.device \
+                or cos.dtype != self.rope_cos.dtype:
+            # Kept for later calls, so made as ordinary tensors even while sampling (which may run
+            # under inference_mode): a forward pass that trains may use them next.
+            with torch.inference_mode(False):
+                cos, sin = rotary_tables(self.head_size, torch.arange(start, start + max(T, 4096)))
+                cos, sin = cos.to(self.rope_cos), sin.to(self.rope_sin)  # the model's device and dtype
+            first = start
+            self._far_rope = (first, cos, sin)
+        return cos[start - first:start - first + T], sin[start - first:start - first + T]
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """Attention weights for idx (1, T): a tensor (n_layer, n_head, T, T), rows summing to 1."""
+        attns = [block.attn for block in self.blocks]
+        for attn in attns:
+            attn.keep_attention = True
+        try:
+            self(idx)
+            return torch.stack([attn.attention[0] for attn in attns])  # (L, nh, T, T)
+        finally:
+            for attn in attns:
+                attn.keep_attention, attn.attention = False, None
+
+
+def soft_cap(logits, cap):
+    """cap * tanh(logits / cap): no logit grows past +-cap, and small ones are left nearly as they are."""
+    return cap * torch.tanh(logits / cap)
+
+
+class Block(nn.Module):
+    """One transformer block, pre-LayerNorm: x + attention(norm(x)), then x + mlp(norm(x)).
+
+    x is the residual stream: each block reads it and adds its result to it. Normalising before
+    each sub-layer (rather than after, as in the 2017 paper) leaves a clean residual path from
+    input to output, which keeps deep stacks stable to train.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, layer)  # (B, T, C): tokens exchange information
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C): each token thinks on its own
+        return x
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: each of n_head heads attends over its own slice of the
+    channels, with RoPE on its queries and keys, and the heads' outputs are projected back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.window = config.block_size  # how many positions, itself included, a position sees
+        self.qk_norm = config.qk_norm
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_sdpa = True  # the fused kernel, or False: causal_attention (smoll/speed.py times both)
+        self.keep_attention = False  # True stores each forward's attention weights in self.attention
+        self.attention = None
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, C = x.shape
+        # q, k and v for every head in one matmul. Each head attends on its own slice of
+        # hs = C / nh channels.
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
+        if self.qk_norm:
+            qk = qk_norm(qk)  # q and k in one call: on a CPU each call costs more than its work
+        q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
+        dtype = q.dtype
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
+            q = q.to(k.dtype)  # attention over the cache runs in its dtype, float32
+        S = k.size(2)
+        # No dropout on the attention weights: on a CPU it would push scaled_dot_product_attention
+        # off its fused kernel, and the block's output dropout below regularises as well.
+        if self.keep_attention:  # someone wants to look at the attention: the written-out path
+            y, self.attention = causal_attention(q, k, v, self.window, return_weights=True)
+        elif not self.use_sdpa:
+            y = causal_attention(q, k, v, self.window)  # (B, nh, T, hs)
+        elif S <= self.window and T in (1, S):  # training, a prompt that fits, or one new character
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
+        else:  # past the context window: a sliding causal mask
+            mask = causal_mask(T, S, self.window, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.proj(y))  # (B, T, C)
+
+
+def causal_attention(q, k, v, window, return_weights=False):
+    """Scaled dot-product attention with a causal mask, written out step by step.
+
+    q: (B, nh, T, hs); k, v: (B, nh, S, hs), where the T queries are the last T of S positions.
+    Returns (B, nh, T, hs), and also the attention weights (B, nh, T, S) if return_weights.
+    A position may only look at itself and earlier positions, so the model cannot peek at the
+    characters it is asked to predict.
+    F.scaled_dot_product_attention computes the same thing in one fused, memory-saving kernel.
+    Which of the two is faster depends on the device, the precision and the sizes, so train.py
+    times both before it starts (smoll/speed.py). tests/ check that the two agree.
+    """
+    T, S, hs = q.size(-2), k.size(-2), q.size(-1)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S): how much t attends to s
+    mask = causal_mask(T, S, window, q.device)  # (T, S)
+    att = att.masked_fill(~mask, float("-inf"))  # masked positions get zero weight after softmax
+    att = F.softmax(att.float(), dim=-1).to(v.dtype)  # each row sums to 1 (summed in float32)
+    y = att @ v  # (B, nh, T, hs): weighted values
+    return (y, att) if return_weights else y
+
+
+def causal_mask(T, S, window, device=None):
+    """(T, S) booleans: may query i attend to key j? The T queries are the last T of S positions.
+
+    A position sees itself and the positions before it, but at most `window` positions in all.
+    Within the window (S <= window) this is the usual lower-triangular causal mask.
+    """
+    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (T, S)
+
+
+def qk_norm(x):
+    """x / rms(x) over each head's channels (QK-norm): queries and keys of unit RMS, so that the
+    attention logits cannot blow up. Written as x / (|x| / sqrt(hs)): on a CPU that is cheaper
+    than F.rms_norm for the few positions of sampling. The result keeps x's dtype."""
+    return (x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.size(-1) ** -0.5)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: widen 4x, a nonlinearity (GELU or ReLU²), project back."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.act = {"gelu": F.gelu, "relu2": relu2}[config.activation]
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
+
+
+def relu2(x):
+    """ReLU squared: as cheap as ReLU, and smooth at 0 like GELU."""
+    return F.relu(x).square()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,235 +365,7 @@ def apply_rotary(x, cos, sin):
 
 
 # ----------------------------------------------------------------------------------------------
-# The transformer
-
-
-def causal_mask(T, S, window, device=None):
-    """(T, S) booleans: may query i attend to key j? The T queries are the last T of S positions.
-
-    A position sees itself and the positions before it, but at most `window` positions in all.
-    Within the window (S <= window) this is the usual lower-triangular causal mask.
-    """
-    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    return (k_pos <= q_pos) & (q_pos - k_pos < window)  # (T, S)
-
-
-def causal_attention(q, k, v, window, return_weights=False):
-    """Scaled dot-product attention with a causal mask, written out step by step.
-
-    q: (B, nh, T, hs); k, v: (B, nh, S, hs), where the T queries are the last T of S positions.
-    Returns (B, nh, T, hs), and also the attention weights (B, nh, T, S) if return_weights.
-    A position may only look at itself and earlier positions, so the model cannot peek at the
-    characters it is asked to predict.
-    F.scaled_dot_product_attention computes the same thing in one fused, memory-saving kernel.
-    Which of the two is faster depends on the device, the precision and the sizes, so train.py
-    times both (training_speed.py) and sets CausalSelfAttention.use_sdpa. tests/ check that the
-    two agree.
-    """
-    T, S, hs = q.size(-2), k.size(-2), q.size(-1)
-    att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, S): how much t attends to s
-    mask = causal_mask(T, S, window, q.device)  # (T, S)
-    att = att.masked_fill(~mask, float("-inf"))  # masked positions get zero weight after softmax
-    att = F.softmax(att.float(), dim=-1).to(v.dtype)  # each row sums to 1 (summed in float32)
-    y = att @ v  # (B, nh, T, hs): weighted values
-    return (y, att) if return_weights else y
-
-
-def qk_norm(x):
-    """x / rms(x) over each head's channels (QK-norm): queries and keys of unit RMS, so that the
-    attention logits cannot blow up. Written as x / (|x| / sqrt(hs)): on a CPU that is cheaper
-    than F.rms_norm for the few positions of sampling. The result keeps x's dtype."""
-    return (x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) * x.size(-1) ** -0.5)).to(x.dtype)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention: each of n_head heads attends over its own slice of the
-    channels, with RoPE on its queries and keys, and the heads' outputs are projected back."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.n_head = config.n_head
-        self.window = config.block_size
-        self.qk_norm = config.qk_norm
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.use_sdpa = True  # the fused kernel, or False: causal_attention (train.py times both)
-        self.keep_weights = False  # True stores each forward's attention weights in self.weights
-        self.weights = None
-
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        B, T, C = x.shape
-        # q, k and v for every head in one matmul. Each head attends on its own slice of
-        # hs = C / nh channels.
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
-        qk = apply_rotary(qkv[:2], cos, sin)  # (2, B, nh, T, hs): positions enter q and k here
-        if self.qk_norm:
-            qk = qk_norm(qk)  # q and k in one call: on a CPU each call costs more than its work
-        q, k, v = qk[0], qk[1], qkv[2]  # each (B, nh, T, hs)
-        dtype = q.dtype
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, S, hs): the cached past, then these T
-            q = q.to(k.dtype)  # attention over the cache runs in its dtype, float32
-        S = k.size(2)
-        # No dropout on the attention weights: on a CPU it would push scaled_dot_product_attention
-        # off its fused kernel, and the block's output dropout below regularises as well.
-        if self.keep_weights:  # someone wants to look at the attention: the written-out path
-            y, self.weights = causal_attention(q, k, v, self.window, return_weights=True)
-        elif not self.use_sdpa:
-            y = causal_attention(q, k, v, self.window)  # (B, nh, T, hs)
-        elif S <= self.window and T in (1, S):  # training, a prompt that fits, or one new character
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, nh, T, hs)
-        else:  # past the window: a sliding causal mask
-            mask = causal_mask(T, S, self.window, q.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
-        return self.resid_dropout(self.proj(y))  # (B, T, C)
-
-
-def relu2(x):
-    """ReLU squared: as cheap as ReLU, and smooth at 0 like GELU."""
-    return F.relu(x).square()
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward network: widen 4x, a nonlinearity (GELU or ReLU²), project back."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.act = {"gelu": F.gelu, "relu2": relu2}[config.activation]
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
-
-
-class Block(nn.Module):
-    """One transformer block, pre-LayerNorm: x + attention(norm(x)), then x + mlp(norm(x)).
-
-    Normalising before each sub-layer (rather than after, as in the 2017 paper) leaves a clean
-    residual path from input to output, which keeps deep stacks stable to train.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
-        self.mlp = MLP(config)
-
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, layer)  # (B, T, C): tokens exchange information
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C): each token thinks on its own
-        return x
-
-
-def soft_cap(logits, cap):
-    """Logit soft-capping: cap * tanh(logits / cap) squashes every logit smoothly into (-cap, cap)."""
-    return cap * torch.tanh(logits / cap)
-
-
-class TinyGPT(LanguageModel):
-    """The transformer: token embeddings, n_layer Blocks, a final LayerNorm and the LM head that
-    turns each position's vector into logits over the vocabulary. Positions enter through RoPE
-    inside attention, so there is no position table."""
-
-    def __init__(self, config, vocab_size):
-        super().__init__()
-        self.block_size = config.block_size
-        # Each layer looks back at most block_size - 1 positions (sliding-window attention past the
-        # window), so through n_layer layers the next prediction depends on this many characters.
-        self.receptive_field = config.n_layer * (config.block_size - 1) + 1
-        self.token_embedding = nn.Embedding(vocab_size, config.n_embd)
-        self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, vocab_size, bias=False)
-        # The rotary tables are derived from the config, so they are not saved in checkpoints.
-        self.head_size = config.n_embd // config.n_head
-        cos, sin = rotary_tables(self.head_size, torch.arange(config.block_size))
-        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
-        self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
-        self._far_rope = (0, cos[:0], sin[:0])  # tables past block_size: see far_rotary_tables
-
-        # GPT-2 initialisation: small normal weights. Each block adds two projections onto the
-        # residual stream, so those are scaled down by sqrt(2 * n_layer) to keep its variance flat.
-        # With zero_init they start at zero instead: each block begins as the identity.
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.0 if config.zero_init else 0.02 / math.sqrt(2 * config.n_layer))
-        self.logit_cap = config.logit_cap
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> logits (B, T, V) and the loss, or None without targets.
-
-        With a cache, idx holds only the characters the cache has not seen, and it is updated.
-        A sequence longer than block_size gets sliding-window attention: each position attends
-        to the block_size positions ending at itself, exactly what the cache does past the window.
-        """
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0  # the position of idx[:, 0]
-        if start + T <= self.block_size:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hs)
-        else:
-            cos, sin = self.far_rotary_tables(start, T, idx.device)  # (T, hs)
-        x = self.drop(self.token_embedding(idx))  # (B, T, C)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # for a bfloat16 model, once rather than per layer
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)  # (B, T, C)
-        if cache is not None:
-            cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        if self.logit_cap:  # no logit can grow past +-logit_cap
-            logits = soft_cap(logits, self.logit_cap)
-        loss = None if targets is None else cross_entropy(logits, targets)
-        return logits, loss
-
-    def far_rotary_tables(self, start, T, device):
-        """Rotary tables for positions past block_size, which only sampling with a KV cache or a
-        long sequence reaches. They are made 4096 positions at a time and reused."""
-        first, cos, sin = self._far_rope
-        if not (first <= start and start + T <= first + len(cos)) or cos.device != device:
-            first = start
-            # Kept for later calls, so made as ordinary tensors even while sampling (which runs
-            # under inference_mode): a forward pass that trains may use them next.
-            with torch.inference_mode(False):
-                cos, sin = rotary_tables(self.head_size, torch.arange(start, start + max(T, 4096)))
-                cos, sin = cos.to(device), sin.to(device)
-            self._far_rope = (first, cos, sin)
-        return cos[start - first:start - first + T], sin[start - first:start - first + T]
-
-    @torch.no_grad()
-    def attention_maps(self, idx):
-        """Attention weights for idx (1, T): a tensor (n_layer, n_head, T, T), rows summing to 1."""
-        attns = [block.attn for block in self.blocks]
-        for attn in attns:
-            attn.keep_weights = True
-        try:
-            self(idx)
-            return torch.stack([attn.weights[0] for attn in attns])  # (L, nh, T, T)
-        finally:
-            for attn in attns:
-                attn.keep_weights, attn.weights = False, None
-
-
-def build_model(config, vocab_size):
-    """The model named by config.model, freshly initialised."""
-    return {"tinygpt": TinyGPT, "bigram": Bigram}[config.model](config, vocab_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# Generation: sampling settings, the KV cache, and the loop that writes one character at a time
+# Generation: the next character from the logits, and the KV cache
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -369,8 +406,8 @@ def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
 class KVCache:
     """Each attention layer's keys and values for the last `window` positions, in a ring buffer.
 
-    Without a cache, every new character means a forward pass over the whole window. With one,
-    the model only runs the new character: its query attends to the keys and values kept here.
+    Without a cache, every new character means a forward pass over the whole context window. With
+    one, the model only runs the new character: its query attends to the keys and values kept here.
     Each layer gets `window` slots, and position p is written to slot p % window, over the
     position one window older that no query can see any more. The buffers never grow or move.
     The keys are stored already rotated (RoPE) for their positions, so a query can take them in
@@ -413,45 +450,3 @@ class KVCache:
         slots = torch.arange(self.pos + T - kept, self.pos + T) % W
         k_buf[:, :, slots], v_buf[:, :, slots] = k[:, :, T - kept:].float(), v[:, :, T - kept:].float()
         return k_all, v_all
-
-
-@torch.no_grad()  # (not inference_mode: its tensors cannot enter a compiled step)
-def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True,
-           decoder=None, generator=None):
-    """Yield max_new_tokens new ids, each of shape (B, 1), as soon as each is sampled.
-
-    use_cache=True runs only the new character through the model at each step (see KVCache).
-    use_cache=False is the plain reference decoder: for every new character it reruns the full
-    forward pass over all of the text that can still reach the prediction. The tests check
-    that the two give the same text, within the window and past it. Dropout is off while sampling.
-    decoder (an engine.Decoder of this model, or None) runs the characters after the prompt in
-    fewer calls. generator (a torch.Generator) draws the samples instead of PyTorch's global
-    random state.
-
-    The generate of the "Let's build GPT" lecture code (and of nanoGPT) reruns only the last
-    block_size characters. That is the same thing while the text fits in the window. Past it, cropping is not a cache-free version of
-    the model any more: with more than one layer, the cropped window's first characters lose
-    the context that their deeper-layer states were computed from, at every step. No cache can
-    reproduce that without rerunning the window, so smoll's model defines what happens past
-    the window instead: sliding-window attention (see TinyGPT.forward).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        cache = KVCache(model.block_size) if use_cache else None
-        unseen = idx  # (B, T): what the cache has not processed yet
-        for _ in range(max_new_tokens):
-            if cache is None:
-                logits, _ = model(idx[:, -model.receptive_field:])  # (B, <=receptive_field, V)
-            elif decoder is not None and unseen.size(1) == 1:  # after the prompt: the lean path
-                logits = decoder.step(unseen, cache)[:, None]  # (B, 1, V)
-            else:  # a long prompt goes in window-sized pieces; after it, one id at a time
-                for piece in unseen.split(model.block_size, dim=1):
-                    logits, _ = model(piece, cache=cache)  # (B, <=block_size, V)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if cache is None:
-                idx = torch.cat([idx, next_id], dim=1)  # (B, T+1)
-            unseen = next_id
-            yield next_id
-    finally:
-        model.train(was_training)

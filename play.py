@@ -6,8 +6,13 @@
     python play.py --model bigram                   # the Bigram, from models/model_weights.pth
     python play.py --weights out/mine.pth --seed 7 --num_samples 3
     python play.py --attention out/attention.png --prompt "ROMEO: I love"   # draw the attention maps
-    python play.py --web                            # the explorer: a local web page (see explorer/)
+    python play.py --web                            # the explorer: a local web page (docs/explorer.md)
     python play.py --prepare                        # compile the decoding step for this CPU now
+
+Read from main() at the bottom, or from play(): load_model (utils.py) reads the checkpoint,
+fastest_decoder (smoll/sampling) sets the model up for the fastest way to write one character on
+this machine, and write_continuation hands both to the model's stream() (models.py), which samples
+one character after another while this prints them.
 """
 
 
@@ -21,10 +26,10 @@ import torch
 from tqdm import tqdm
 
 from config import MODELS
-from devices import get_device
-from engine import (SamplingPath, build_in_background, packages_to_build, pick_sampling_path, prepare_packages,
-                    prepared_or_explained)
-from utils import DEFAULT_OUT, SHIPPED_WEIGHTS, SmollError, load_model, read_text
+from smoll.devices import get_device
+from smoll.files import SmollError
+from smoll.sampling import fastest_decoder, prepare_packages, start_background_build
+from utils import DEFAULT_OUT, SHIPPED_WEIGHTS, load_model, read_text
 
 INTERACTIVE_HELP = """\
 Type a prompt and press Enter: the model continues it. An empty line starts from scratch.
@@ -159,13 +164,13 @@ def write_continuation(model, decoder, tokenizer, prompt, args, device, what="--
     return args.length * args.num_samples, time.perf_counter() - t0
 
 
-def report_speed(n_chars, seconds, args, device):
+def report_speed(n_chars, seconds, args, device, variant):
     mode = "no cache" if args.no_cache else "KV cache"
     print(f"[{n_chars} characters in {seconds:.2f} s: {n_chars / max(seconds, 1e-9):,.0f} characters/s, "
-          f"{mode}, {device}, {args.dtype}]", file=sys.stderr)
+          f"{mode}, {device}, {variant}]", file=sys.stderr)
 
 
-def interactive(model, decoder, tokenizer, config, args, device):
+def interactive(model, decoder, tokenizer, config, args, device, variant):
     print(f"smoll {config.model}, {len(tokenizer.chars)} characters known, on {device}.\n{INTERACTIVE_HELP}")
     while True:
         try:
@@ -180,7 +185,7 @@ def interactive(model, decoder, tokenizer, config, args, device):
         try:
             n_chars, seconds = write_continuation(model, decoder, tokenizer, line, args, device, "the prompt")
             if args.verbose:
-                report_speed(n_chars, seconds, args, device)
+                report_speed(n_chars, seconds, args, device, variant)
         except KeyboardInterrupt:
             print("\n(stopped)")
         except SmollError as e:
@@ -234,7 +239,7 @@ def draw_attention(model, tokenizer, config, prompt, path, device):
                          f"{config.block_size}: shorten it (under 40 keeps the picture readable).")
     idx = torch.tensor([tokenizer.encode(prompt, what="--prompt")], device=device)  # (1, T)
     maps = model.attention_maps(idx)  # (n_layer, n_head, T, T)
-    from pictures import plot_attention  # the pictures and the explorer are imported when asked for
+    from smoll.pictures import plot_attention  # the pictures and the explorer are imported when asked for
     plot_attention(maps, list(prompt), path, title=f"attention of {config.model} on {prompt!r}")
     print(f"attention maps of {maps.shape[0]} layers x {maps.shape[1]} heads over "
           f"{len(prompt)} characters: {path}")
@@ -254,49 +259,39 @@ def play(args):
     if args.prepare:
         prepare_packages(model, config, device, args.dtype, args.num_samples)
         return
-    as_loaded, dtype_flag = model, args.dtype  # the float32 weights: what a compiled package is built from
-    if args.no_cache or args.attention:  # the reference decoder and the pictures: no decoder to time
-        path = SamplingPath("float32" if args.dtype == "auto" else args.dtype)
-        model, decoder = prepared_or_explained(model, path, device)
-        report = f"{path} ({'--dtype auto means float32 here' if args.dtype == 'auto' else 'as --dtype asks'})"
-    else:
-        path, model, decoder, report = pick_sampling_path(
-            model, config, device, args.dtype, args.eager, args.length,
-            args.num_samples, log=lambda line: print(line, file=sys.stderr) if args.verbose else None)
+    # The fastest way to write one character here: each variant (precision, compiled or not) timed
+    # on this machine once, the fastest kept. The reference decoder and the pictures time nothing.
+    as_loaded = model  # the float32 weights: what a compiled step is built from
+    model, decoder, variant, report = fastest_decoder(
+        as_loaded, config, device, args.dtype, args.eager, args.length, args.num_samples,
+        log=lambda line: print(line, file=sys.stderr) if args.verbose else None,
+        timed=not (args.no_cache or args.attention))
     if args.verbose:
         print(f"[sampling path: {report}]", file=sys.stderr)
-    args.dtype = str(path)  # for --verbose's speed line
     prompt = read_text(args.prompt_file, "--prompt_file") if args.prompt_file else args.prompt
     if args.attention:
         draw_attention(model, tokenizer, config, prompt, args.attention, device)
         return
-    if args.web or args.interactive:  # long sessions: the build runs beside them, at the lowest priority
-        build_later(as_loaded, device, weights, dtype_flag, args)
+    # Where this CPU has no compiled step for the model yet, it is built in a background process at
+    # the lowest priority (smoll/sampling/packages.py): beside a long session, or after the text.
+    build_later = not (args.eager or args.no_cache)
+    if build_later and (args.web or args.interactive):
+        start_background_build(as_loaded, device, weights, args.dtype, args.num_samples)
     if args.web:
-        from explorer.server import serve
+        from smoll.explorer.server import serve
         serve(args, model, decoder, tokenizer, config, device)
         return
     if args.seed is not None:
         torch.manual_seed(args.seed)
     if args.interactive:
-        interactive(model, decoder, tokenizer, config, args, device)
+        interactive(model, decoder, tokenizer, config, args, device, variant)
         return
     what = "--prompt_file" if args.prompt_file else "--prompt"
     n_chars, seconds = write_continuation(model, decoder, tokenizer, prompt, args, device, what)
     if args.verbose:
-        report_speed(n_chars, seconds, args, device)
-    build_later(as_loaded, device, weights, dtype_flag, args)
-
-
-def build_later(model, device, weights, dtype_flag, args):
-    """Where this CPU has no compiled step for the model yet, build it in a background process
-    (engine.build_in_background), so that the next run loads it; this run is not slowed."""
-    if args.eager or args.no_cache or args.attention:
-        return
-    if packages_to_build(model, device, dtype_flag, args.num_samples) and build_in_background(
-            weights, dtype_flag, args.num_samples):
-        print("[compiling the decoding step for this CPU in a background process, a few minutes at the "
-              "lowest priority: later runs load it. --eager: never]", file=sys.stderr)
+        report_speed(n_chars, seconds, args, device, variant)
+    if build_later:  # the next run loads it; this one was not slowed
+        start_background_build(as_loaded, device, weights, args.dtype, args.num_samples)
 
 
 def main(argv=None):

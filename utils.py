@@ -1,31 +1,32 @@
-"""What a learner needs beside the model: the tokenizer, batches, evaluation, checkpoints.
+"""What a learner needs beside the model: text to ids, batches, the loss over a split, checkpoints.
 
-    load_model(path, device="cpu") -> (model, tokenizer, config)   a checkpoint, ready to sample
-    get_batch(data, batch_size, block_size)  -> (x, y)             random windows for training
-    eval_loss(model, data, block_size)       -> (loss, n_scored)   the loss over a whole split
+    load_text_ids(path)                      -> (ids, tokenizer)   where characters become numbers
+    get_batch(data, batch_size, block_size)  -> (x, y)             random chunks of text, for training
+    eval_loss(model, data, block_size)       -> (loss, n_scored)   the mean loss over a split, in nats
+    save_checkpoint(path, model, ...)                              one self-describing file, written whole
+    load_model(path, device)                 -> (model, tokenizer, config)   a checkpoint, ready to sample
 
-Every file smoll writes is written whole or not at all (replaced_atomically), and every way a
-file can fail to read or write becomes one sentence that names the fix (SmollError). The
-machinery around these lives in files of its own: token_cache.py encodes big texts,
-devices.py picks the device, pictures.py draws.
+What these lean on lives in smoll/, a package a learner need not open: smoll/data.py encodes texts
+too big to read at once, smoll/files.py writes every file whole and turns disk errors into sentences.
 """
 
+import collections
 import contextlib
-import errno
-import hashlib
 import math
 import mmap
 import os
 import subprocess
-import tempfile
+import sys
 from dataclasses import asdict
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from config import config_from_dict
 from models import build_model
-
+from smoll.data import load_token_file
+from smoll.files import SmollError, atomic_save, reading
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
@@ -34,21 +35,50 @@ SHIPPED_WEIGHTS = {"tinygpt": os.path.join(ROOT, "models", "tinygpt.pth"),
 DEFAULT_OUT = {"tinygpt": os.path.join(ROOT, "out", "tinygpt.pth"),  # where train.py writes: git-ignored
                "bigram": os.path.join(ROOT, "out", "bigram.pth")}
 FULL_EVAL_CHARS = 1 << 18  # a validation split up to this size is scored whole; a larger one is sampled
-
-
-class SmollError(Exception):
-    """A problem the user can fix. Scripts print its message as one line and exit non-zero."""
-
-
-def user_cache_dir():
-    """smoll's folder for what it keeps between runs (timings, compiled code, token files of
-    read-only folders): $SMOLL_CACHE, or $XDG_CACHE_HOME/smoll, or ~/.cache/smoll."""
-    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.environ.get("SMOLL_CACHE") or os.path.join(home, "smoll")
+BIG_TEXT_BYTES = 1 << 24  # a text over 16 MiB is encoded in pieces into a token file (smoll/data.py)
+UNKNOWN = "\ufffd"  # the symbol rare characters become with --min_char_count: "�"
 
 
 # ----------------------------------------------------------------------------------------------
-# Text and tokenizer
+# Text to ids
+
+
+class CharTokenizer:
+    """The vocabulary is the text's distinct characters, sorted; a character's id is its place in it.
+
+        "hello"  ->  vocabulary ['e', 'h', 'l', 'o']  ->  ids [1, 0, 2, 2, 3]
+
+    With unknown set (a character of the vocabulary), characters outside the vocabulary encode as
+    that one instead of being refused.
+    """
+
+    def __init__(self, chars, unknown=None):
+        self.chars = list(chars)
+        self.vocab_size = len(self.chars)
+        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
+        self.unknown = unknown
+
+    @classmethod
+    def from_text(cls, text, min_count=1):
+        """The vocabulary of text. With min_count > 1, the characters seen fewer times all become
+        one symbol, UNKNOWN, which the vocabulary then holds."""
+        if min_count <= 1:
+            return cls(sorted(set(text)))
+        kept = {ch for ch, n in collections.Counter(text).items() if n >= min_count}
+        return cls(sorted(kept | {UNKNOWN}), unknown=UNKNOWN)
+
+    def encode(self, s, what="the text"):
+        if self.unknown is not None:
+            return [self.stoi.get(ch, self.stoi[self.unknown]) for ch in s]
+        unknown = sorted(set(s) - self.stoi.keys())
+        if unknown:
+            shown = " ".join(repr(ch) for ch in unknown[:10])
+            raise SmollError(f"{what} has {len(unknown)} character(s) this model never saw in "
+                             f"training ({shown}): remove or replace them.")
+        return [self.stoi[ch] for ch in s]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
 
 
 def read_text(path, flag="--data"):
@@ -66,50 +96,20 @@ def read_text(path, flag="--data"):
     return text
 
 
-UNKNOWN = "\ufffd"  # the symbol rare characters become with --min_char_count: "�"
+def load_text_ids(path, min_count=1, flag="--data"):
+    """The text at path as ids, and its tokenizer: (ids, tokenizer), ids a 1-D numpy array with one
+    id per character. Line endings become "\\n", as Python reads text files.
 
-
-class CharTokenizer:
-    """Maps each character of the vocabulary to its index in the sorted list of characters.
-
-    With unknown set (a character of the vocabulary), characters outside the vocabulary encode
-    as that one instead of being refused.
+    A text of up to BIG_TEXT_BYTES is read whole and encoded here. A bigger one is encoded once, in
+    pieces, into a token file that every later run memory-maps (smoll/data.py): the same vocabulary
+    and the same ids, in memory that does not grow with the text.
     """
-
-    def __init__(self, chars, unknown=None):
-        self.chars = list(chars)
-        self.stoi = {ch: i for i, ch in enumerate(self.chars)}
-        self.unknown = unknown
-
-    @classmethod
-    def from_text(cls, text):
-        return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self):
-        return len(self.chars)
-
-    def encode(self, s, what="the text"):
-        if self.unknown is not None:
-            return [self.stoi.get(ch, self.stoi[self.unknown]) for ch in s]
-        unknown = sorted(set(s) - self.stoi.keys())
-        if unknown:
-            shown = " ".join(repr(ch) for ch in unknown[:10])
-            raise SmollError(f"{what} has {len(unknown)} character(s) this model never saw in "
-                             f"training ({shown}): remove or replace them.")
-        return [self.stoi[ch] for ch in s]
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
-
-
-def file_sha256(path):
-    """The SHA-256 of a file, read 16 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    if os.path.isfile(path) and os.path.getsize(path) > BIG_TEXT_BYTES:
+        ids, chars = load_token_file(path, flag, min_count, UNKNOWN)
+        return ids, CharTokenizer(chars, UNKNOWN if min_count > 1 else None)
+    text = read_text(path, flag)
+    tokenizer = CharTokenizer.from_text(text, min_count)
+    return np.array(tokenizer.encode(text), dtype=np.int64), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,19 +128,17 @@ def split_data(data, block_size):
     return train, val
 
 
-def windows(data, starts, length, device="cpu"):
+def chunks(data, starts, length, device="cpu"):
     """Rows data[s : s + length] for each start s, as an int64 tensor (len(starts), length) on device.
 
-    data is a numpy array (a memory-mapped token file) or a CPU tensor; only the rows are copied.
+    data is a numpy array (memory-mapped for a big text) or a CPU tensor; only the rows are copied.
     For a GPU they go through pinned memory and a non-blocking copy, so the host does not wait for
     the GPU to finish its queued work.
     """
-    rows = np.asarray(data)[np.asarray(starts)[:, None] + np.arange(length)]  # (B, length)
-    rows = torch.from_numpy(rows.astype(np.int64))
-    # The gather mapped the pages around each row into this process. They stay in the OS's file
-    # cache, shared by all processes, but unless they are unmapped they count towards this
-    # process's resident memory, which would then grow with the text.
-    mapping = getattr(data, "_mmap", None)  # np.memmap's mmap object
+    rows = torch.from_numpy(np.asarray(data)[np.asarray(starts)[:, None] + np.arange(length)].astype(np.int64))
+    # A memory-mapped text: the gather mapped the pages around each row into this process. They
+    # stay in the OS's file cache, but would count towards this process's memory until unmapped.
+    mapping = getattr(data, "_mmap", None)
     if mapping is not None and hasattr(mapping, "madvise"):  # not on Windows
         mapping.madvise(mmap.MADV_DONTNEED)
     device = torch.device(device)
@@ -150,9 +148,9 @@ def windows(data, starts, length, device="cpu"):
 
 
 def get_batch(data, batch_size, block_size, generator=None, device="cpu"):
-    """Random windows of data: inputs x and targets y (x shifted left by one), each (B, T)."""
+    """Random chunks of data: inputs x and targets y (x shifted left by one), each (B, T)."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
-    rows = windows(data, starts.numpy(), block_size + 1, device)  # (B, T+1)
+    rows = chunks(data, starts.numpy(), block_size + 1, device)  # (B, T+1)
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -165,12 +163,12 @@ def batch_shape(step, config):
     return config.batch_size, config.block_size
 
 
-def eval_windows(n_ids, block_size, max_chars=FULL_EVAL_CHARS):
-    """Where to score a split of n_ids ids: (starts, tail). Each start begins a window of block_size
-    targets; tail > 0 adds one shorter window of the last tail targets.
+def eval_chunks(n_ids, block_size, max_chars=FULL_EVAL_CHARS):
+    """Where to score a split of n_ids ids: (starts, tail). Each start begins a chunk of block_size
+    targets; tail > 0 adds one shorter chunk of the last tail targets.
 
     Up to max_chars targets (or with max_chars=None), every target is scored once, in
-    non-overlapping windows. Past that, max_chars // block_size windows spread evenly over the
+    non-overlapping chunks. Past that, max_chars // block_size chunks spread evenly over the
     split: the same in every run, so scores stay comparable.
     """
     n_targets = n_ids - 1
@@ -189,89 +187,35 @@ def autocast(device, dtype):
 
 @torch.no_grad()
 def eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.float32,
-              max_chars=FULL_EVAL_CHARS):
-    """Mean cross-entropy over the windows of eval_windows. Returns (loss, characters scored).
+              max_chars=FULL_EVAL_CHARS, stop=None):
+    """Mean cross-entropy over the chunks of eval_chunks. Returns (loss, characters scored).
 
-    Each position is predicted from the characters before it inside its window. Scored whole,
-    two models on the same split are exactly comparable.
+    Each position is predicted from the characters before it inside its chunk. Scored whole,
+    two models on the same split are exactly comparable. train.py scores its run with this: every
+    eval_interval steps on a few chunks of each split (its estimate), and at the end on the whole
+    validation split. A progress bar shows up when it takes more than a second; it returns None at
+    once when stop.requested turns True (a Ctrl-C).
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    starts, tail = eval_windows(len(data), block_size, max_chars)
-    total, n_scored = 0.0, 0
+    starts, tail = eval_chunks(len(data), block_size, max_chars)
     pieces = [(starts[i:i + batch_size], block_size) for i in range(0, len(starts), batch_size)]
     if tail:
         pieces.append((np.array([len(data) - 1 - tail]), tail))
-    for batch_starts, length in pieces:
-        rows = windows(data, batch_starts, length + 1, device)  # (B, T+1)
+    total, n_scored = 0.0, 0
+    for batch_starts, length in tqdm(pieces, desc="evaluating", unit="batch", leave=False, delay=1.0,
+                                     dynamic_ncols=True, file=sys.stdout):
+        if stop is not None and stop.requested:
+            model.train(was_training)
+            return None
+        rows = chunks(data, batch_starts, length + 1, device)  # (B, T+1)
         with autocast(device, dtype):
             _, loss = model(rows[:, :-1], rows[:, 1:])
         total += loss.item() * batch_starts.size * length
         n_scored += batch_starts.size * length
     model.train(was_training)
     return total / n_scored, n_scored
-
-
-# ----------------------------------------------------------------------------------------------
-# Files that cannot be written: one sentence that names the file, the cause and the fix
-
-WRITE_FAILURES = {  # errno -> (what happened, what to do)
-    errno.ENOSPC: ("the disk is full", "free some space, or write to another disk"),
-    errno.EDQUOT: ("the disk quota is used up", "free some space, or write to another disk"),
-    errno.EFBIG: ("the file would grow past the largest size this system allows",
-                  "raise the limit (`ulimit -f`), or write to another disk"),
-    errno.EACCES: ("permission denied", "write to a folder you may write to"),
-    errno.EPERM: ("the system does not allow writing there", "write to another folder"),
-    errno.EROFS: ("the file system is read-only", "write to another disk"),
-    errno.EISDIR: ("a folder has that name", "pick a file name that is free"),
-    errno.ENOTDIR: ("a file stands where one of its folders should be", "pick another path"),
-    errno.EEXIST: ("a file stands where one of its folders should be", "pick another path"),
-    errno.ENOENT: ("its folder does not exist and cannot be made (a missing drive?)", "pick another path"),
-    errno.EIO: ("the disk reported an error", "check the disk, or write to another one"),
-}
-
-
-def write_failure(path, error, flag=None):
-    """A SmollError for an OSError met while writing path: the file, the cause and a fix."""
-    cause, fix = WRITE_FAILURES.get(error.errno, (error.strerror or str(error), "write somewhere else"))
-    source = f" (the path comes from {flag})" if flag else ""
-    return SmollError(f"could not write '{path}': {cause}; {fix}{source}. Files written before are unchanged.")
-
-
-@contextlib.contextmanager
-def writing(path, flag=None):
-    """Turn an OSError raised while writing path into write_failure's sentence."""
-    try:
-        yield
-    except OSError as e:
-        if isinstance(e, (BrokenPipeError, ConnectionError)):
-            raise
-        raise write_failure(path, e, flag) from None
-
-
-@contextlib.contextmanager
-def reading(path, flag=None):
-    """Turn an OSError raised while reading path (a disk error, a file that vanished) into one sentence."""
-    try:
-        yield
-    except OSError as e:
-        source = f" (the path comes from {flag})" if flag else ""
-        raise SmollError(f"could not read '{path}': {e.strerror or e}{source}. Check the disk, or "
-                         f"copy the file somewhere else.") from None
-
-
-def check_writable(path, flag="--out"):
-    """Make sure a file can be written at path before any work is done: its folder exists or can
-    be made, path is not a folder, and a file can be created there. Raises write_failure's error."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with writing(path, flag):
-        if os.path.isdir(path):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-")
-        os.close(fd)
-        os.remove(probe)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,60 +232,11 @@ def check_writable(path, flag="--out"):
 # The NAME.last.pth training state adds optimizer, scaler, rng, best_step and finished, for --resume.
 
 
-def temp_file(folder, suffix):
-    """A new temp file in folder, to be renamed into place once written. Returns (fd, path)."""
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual mode
-    return fd, tmp
-
-
-@contextlib.contextmanager
-def replaced_atomically(path, suffix, mode="wb", make_folder=True):
-    """A file to write in place of path: a temp file beside it, renamed over path once the block
-    ends. A crash, a full disk or Ctrl-C mid-write leaves the old file untouched, never a
-    half-written one, and no temp file behind; an OSError becomes write_failure's SmollError."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with writing(path):
-        if make_folder:
-            os.makedirs(folder, exist_ok=True)
-        fd, tmp = temp_file(folder, suffix)
-        try:
-            with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic on POSIX and Windows
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-
-
-def atomic_save(obj, path):
-    """torch.save into a temp file beside path, then rename over it (see replaced_atomically)."""
-    with replaced_atomically(path, ".pth") as f:
-        torch.save(obj, f)
-
-
-def to_cpu(obj):
-    """A copy of a nested dict/list structure with every tensor moved to the CPU, so that a
-    checkpoint from a GPU loads with weights_only=True on a machine without one."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def save_checkpoint(path, model, config, tokenizer, step, val_loss, half=True, **extra):
-    """Save a self-describing checkpoint atomically; extra keys (history, run, ...) are added as is."""
+    """Save a self-describing checkpoint, written whole or not at all (smoll/files.py), with every
+    tensor on the CPU; extra keys (history, run, the optimizers' states ...) are added as they are."""
     dtype = torch.float16 if half else torch.float32
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
-             for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
     checkpoint = {"model_state": state, "config": asdict(config), "vocab": tokenizer.chars,
                   "step": step, "val_loss": val_loss, **extra}
     atomic_save(checkpoint, path)
@@ -390,25 +285,6 @@ def way_forward(path):
         return f"restore the shipped file with `git checkout -- {os.path.relpath(path, ROOT)}`"
     return (f"train one in 5 minutes with `python train.py --preset cpu --out {path}` (a Bigram "
             f"in seconds: `python train.py --model bigram --out {path}`)")
-
-
-def rng_states(device, batch_rng):
-    """Every random number generator a run draws from: dropout's (CPU and GPU) and the batches'."""
-    rng = {"torch": torch.get_rng_state(), "batch": batch_rng.get_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        rng["mps"] = torch.mps.get_rng_state()
-    return rng
-
-
-def set_rng_states(rng, device, batch_rng):
-    torch.set_rng_state(rng["torch"])
-    batch_rng.set_state(rng["batch"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-    elif device.type == "mps" and "mps" in rng:
-        torch.mps.set_rng_state(rng["mps"])
 
 
 def git_commit():

@@ -11,6 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from config import make_config  # noqa: E402
+from smoll.data import load_token_file  # noqa: E402
+from utils import UNKNOWN, CharTokenizer  # noqa: E402
 
 SHAKESPEARE = os.path.join(ROOT, "dataset", "tinyshakespeare.txt")
 
@@ -20,6 +22,13 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="smoll-test-cache-")
 # A first run builds its compiled decoding step in a background process: not in the suite, where
 # every run is a first run. The tests that build or load packages say so.
 os.environ["SMOLL_BACKGROUND_BUILD"] = "0"
+
+
+def load_tokens(path, min_count=1):
+    """A text's token file (smoll/data.py), whatever its size, with its vocabulary as a tokenizer:
+    what utils.load_text_ids returns for a text past BIG_TEXT_BYTES."""
+    ids, chars = load_token_file(path, min_count=min_count, unknown=UNKNOWN)
+    return ids, CharTokenizer(chars, UNKNOWN if min_count > 1 else None)
 
 
 def listen_to_ctrl_c():

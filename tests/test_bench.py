@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import bench
 from config import make_config
+from smoll import bench
 from train import train
 
 
@@ -41,7 +41,8 @@ def test_bench_sampling_only_reports_parameter_tokens_from_the_model_size(capsys
 def test_bench_times_train_py_s_own_train_step(monkeypatch):
     calls = []
     real_step = bench.train_step
-    monkeypatch.setattr(bench, "train_step", lambda r, scale: calls.append(r.step) or real_step(r, scale))
+    monkeypatch.setattr(bench, "train_step",
+                        lambda run, model, scale: calls.append(run.step) or real_step(run, model, scale))
     config = make_config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4, seq_warmup=5,
                          device="cpu", dtype="float32", eval_iters=1)
     t = bench.bench_training(config, bench.get_device("cpu"), steps=2)

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import token_cache
 import play
 import utils
 from config import make_config
-from conftest import SHAKESPEARE
-from eval_table import to_model_ids
+from conftest import SHAKESPEARE, load_tokens
+from smoll import data as token_cache
+from smoll.eval_table import to_model_ids
+from smoll.files import SmollError
 from train import train
-from token_cache import load_tokens
-from utils import UNKNOWN, CharTokenizer, SmollError, eval_loss, eval_windows
+from utils import UNKNOWN, CharTokenizer, eval_loss, eval_chunks, load_text_ids
 
 # 1-, 2-, 3- and 4-byte UTF-8 characters, so that small reads split them every possible way
 MIXED = "To be, or not to be: café, naïve, Ελληνικά, 日本語の文章, emoji 🎭🐍!\n" * 40
@@ -58,6 +58,23 @@ def test_tiny_shakespeare_keeps_its_vocabulary_and_ids():
         text = f.read()
     assert tokenizer.vocab_size == 65 and ids.dtype == np.uint8
     assert np.array_equal(ids, CharTokenizer.from_text(text).encode(text))
+
+
+@pytest.mark.parametrize("min_count", [1, 3])
+def test_a_big_text_gets_the_vocabulary_and_ids_of_the_whole_text_from_its_token_file(tmp_path, monkeypatch,
+                                                                                    min_count):
+    """utils.load_text_ids reads a small text whole and encodes it with CharTokenizer; a text past
+    BIG_TEXT_BYTES goes through its token file instead, in pieces: the same vocabulary, the same ids."""
+    text = MIXED.replace("\n", "\r\n") + "é" + "üü"  # Windows line endings, and characters seen once and twice
+    path = write(tmp_path, text)
+    read_whole, whole_tokenizer = load_text_ids(path, min_count)
+    assert whole_tokenizer.chars == CharTokenizer.from_text(text.replace("\r\n", "\n"), min_count).chars
+    monkeypatch.setattr(utils, "BIG_TEXT_BYTES", 100)  # this text is now a big one
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", 7)  # read in pieces that split characters
+    from_file, file_tokenizer = load_text_ids(path, min_count)
+    assert isinstance(from_file, np.memmap)
+    assert file_tokenizer.chars == whole_tokenizer.chars and file_tokenizer.unknown == whole_tokenizer.unknown
+    assert np.array_equal(from_file, read_whole)
 
 
 def test_a_second_load_reads_the_cache_without_encoding(tmp_path, monkeypatch):
@@ -151,15 +168,15 @@ def test_a_model_with_an_unknown_symbol_trains_and_plays_characters_it_never_saw
 
 def test_the_evenly_spread_evaluation_sample_is_the_same_in_every_run():
     n_ids, block, limit = 1_000_001, 64, 8192
-    starts, tail = eval_windows(n_ids, block, limit)
-    again, _ = eval_windows(n_ids, block, limit)
+    starts, tail = eval_chunks(n_ids, block, limit)
+    again, _ = eval_chunks(n_ids, block, limit)
     assert np.array_equal(starts, again) and tail == 0
     assert len(starts) == limit // block
     assert starts[0] == 0 and starts[-1] == n_ids - 1 - block  # from the first target to the last
     gaps = np.diff(starts)
     assert gaps.min() >= block and gaps.max() - gaps.min() <= 1  # even, and no window overlaps
 
-    small_starts, small_tail = eval_windows(1003, 7, limit)  # a small split is scored whole
+    small_starts, small_tail = eval_chunks(1003, 7, limit)  # a small split is scored whole
     assert np.array_equal(small_starts, np.arange(143) * 7) and small_tail == 1
 
 

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-import engine
+from smoll.sampling import decoder as decoding
 from config import make_config
-from engine import CompiledDecoder, Decoder, Int8Linear, pack_for_cpu_sampling, quantize_for_cpu_sampling
+from smoll.sampling.decoder import (CompiledDecoder, Decoder, Int8Linear, pack_for_cpu_sampling,
+                                    quantize_for_cpu_sampling)
 from models import KVCache, TinyGPT
 
 VOCAB = 20
@@ -176,7 +177,7 @@ def test_the_compiled_decoder_writes_the_eager_text_across_the_window_in_a_batch
     compiled = CompiledDecoder(Decoder(model))
     logits, _ = decoded_logits(model, compiled.step, x, prompt_len=1)
     torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
-    assert engine.time_steps(model, compiled, 2, torch.device("cpu"), steps=3) > 0  # how play.py times it
+    assert decoding.time_steps(model, compiled, 2, torch.device("cpu"), steps=3) > 0  # how play.py times it
 
 
 @pytest.mark.skipif(not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")),

@@ -14,16 +14,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import devices
 import train as train_script
-import utils
 from conftest import ROOT, listen_to_ctrl_c
 from config import make_config
-from engine import pack_for_cpu_sampling
 from models import TinyGPT
+from smoll import devices, files
+from smoll.devices import cuda_problem, get_device, kernel_problem, pick_dtype, resolve_dtype
+from smoll.distributed import rng_states, set_rng_states, setup_machine
+from smoll.files import SmollError
+from smoll.sampling.decoder import pack_for_cpu_sampling
+from smoll.speed import should_compile
 from train import last_path, setup_run, train, train_step
-from devices import cuda_problem, get_device, kernel_problem, pick_dtype, resolve_dtype
-from utils import SmollError
 
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 GPUS = {"T4": (7, 5), "V100": (7, 0), "A100": (8, 0), "H100": (9, 0), "RTX 3090": (8, 6)}
@@ -116,15 +117,16 @@ def test_mps_rng_state_is_saved_and_restored(monkeypatch):
     restored = []
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state)
     monkeypatch.setattr(torch.mps, "set_rng_state", restored.append)
-    rng = train_script.rng_states(torch.device("mps"), torch.Generator())
+    mps = SimpleNamespace(device=torch.device("mps"), world_size=1)  # a Machine, as far as these look
+    (rng,) = rng_states(mps, torch.Generator())
     assert torch.equal(rng["mps"], state)
-    train_script.set_rng_states(rng, torch.device("mps"), torch.Generator())
+    set_rng_states(rng, mps, torch.Generator())
     assert torch.equal(restored[0], state)
 
 
 def test_state_is_saved_on_the_cpu():
     nested = {"state": {0: {"exp_avg": torch.ones(2), "step": torch.tensor(3.0)}}, "groups": [{"lr": 1e-3}]}
-    moved = utils.to_cpu(nested)
+    moved = files.to_cpu(nested)
     assert moved["groups"] == [{"lr": 1e-3}] and torch.equal(moved["state"][0]["exp_avg"], torch.ones(2))
     assert all(t.device.type == "cpu" for t in moved["state"][0].values())
 
@@ -136,8 +138,8 @@ def test_a_resumed_optimizer_gets_the_flags_of_its_own_device(tmp_path, tiny_con
     for group in state["optimizer"][0]["param_groups"]:  # AdamW's, as a CUDA machine would have saved them
         group.update(fused=True, foreach=False)
     state["finished"] = False
-    r = setup_run(tiny_config, tiny_text, str(out), state, 0, 1, torch.device("cpu"))
-    assert all(g["fused"] is False and g["foreach"] is True for g in r.optimizers[0].param_groups)
+    run = setup_run(tiny_config, setup_machine(tiny_config), tiny_text, str(out), state)
+    assert all(g["fused"] is False and g["foreach"] is True for g in run.optimizers[0].param_groups)
 
 
 def test_packed_linears_fall_back_on_a_pytorch_without_the_private_ops(monkeypatch):
@@ -179,10 +181,10 @@ def test_skipped_float16_steps_are_not_divergence_but_overflow_at_every_scale_is
 
 
 def gradients_of_one_step(config, text, out):
-    r = setup_run(config, text, out, None, 0, 1, torch.device("cpu"))
+    run = setup_run(config, setup_machine(config), text, out)
     seen = {}
-    r.optimizers[0].step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in r.model.named_parameters()})
-    loss = train_step(r, scale=1.0)
+    run.optimizers[0].step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in run.model.named_parameters()})
+    loss = train_step(run, run.model, scale=1.0)
     return seen, loss
 
 
@@ -200,8 +202,8 @@ def test_grad_accum_gives_the_gradients_of_the_whole_batch(tmp_path, tiny_config
 
 def test_under_ddp_only_the_last_micro_batch_syncs_gradients(tmp_path, tiny_config, tiny_text):
     config = make_config(**{**vars(tiny_config), "grad_accum": 4})
-    r = setup_run(config, tiny_text, str(tmp_path / "run.pth"), None, 0, 1, torch.device("cpu"))
-    model, entered = r.model, []
+    run = setup_run(config, setup_machine(config), tiny_text, str(tmp_path / "run.pth"))
+    model, entered = run.model, []
 
     class FakeDDP(torch.nn.Module):  # counts the micro-batches run without a gradient sync
         def forward(self, x, y):
@@ -212,19 +214,21 @@ def test_under_ddp_only_the_last_micro_batch_syncs_gradients(tmp_path, tiny_conf
             entered.append(1)
             yield
 
-    r.train_model, r.world_size = FakeDDP(), 2
-    train_step(r, scale=1.0)
+    run.machine = SimpleNamespace(**{**vars(run.machine), "world_size": 2})
+    train_step(run, FakeDDP(), scale=1.0)
     assert len(entered) == 3
 
 
 # The newcomer on a CPU
 
 
-def test_ctrl_c_during_the_first_evaluation_stops_within_seconds(tmp_path, tiny_text):
+def test_ctrl_c_during_the_first_evaluation_stops_within_seconds(tmp_path):
     out = tmp_path / "run.pth"
-    flags = ["--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--block_size", "128", "--batch_size", "64",
-             "--eval_iters", "1000", "--device", "cpu", "--dtype", "float32"]  # an evaluation of ~30 s
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_text,
+    # Tiny Shakespeare's whole training split (1000 batches ask for more than it holds), by a model
+    # large enough to take about 20 s over it on 2 cores
+    flags = ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--block_size", "128", "--batch_size", "64",
+             "--eval_iters", "1000", "--device", "cpu", "--dtype", "float32"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
                              "--out", str(out), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              preexec_fn=listen_to_ctrl_c)
     output = []
@@ -248,10 +252,10 @@ def test_ctrl_c_during_the_first_evaluation_stops_within_seconds(tmp_path, tiny_
 
 def test_compile_auto_compiles_on_cuda_and_for_long_cpu_budgets():
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
-    assert train_script.should_compile(make_config(), cuda)
-    assert not train_script.should_compile(make_config(), cpu)  # no budget: by steps, uncompiled
-    assert train_script.should_compile(make_config(preset="cpu"), cpu)  # 5 minutes repay ~15 s of compiling
-    assert not train_script.should_compile(make_config(preset="cpu", time_budget=30), cpu)
-    assert not train_script.should_compile(make_config(preset="cpu"), mps)
-    assert not train_script.should_compile(make_config(compile="off"), cuda)
-    assert train_script.should_compile(make_config(compile="on"), cpu)
+    assert should_compile(make_config(), cuda)
+    assert not should_compile(make_config(), cpu)  # no budget: by steps, uncompiled
+    assert should_compile(make_config(preset="cpu"), cpu)  # 5 minutes repay ~15 s of compiling
+    assert not should_compile(make_config(preset="cpu", time_budget=30), cpu)
+    assert not should_compile(make_config(preset="cpu"), mps)
+    assert not should_compile(make_config(compile="off"), cuda)
+    assert should_compile(make_config(compile="on"), cpu)

@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import eval_table
 import train as train_script
 from config import make_config
-from ensemble import Ensemble, distillation_loss
 from models import build_model, cross_entropy
+from smoll import eval_table
+from smoll.ensemble import Ensemble, distillation_loss
+from smoll.files import SmollError
 from train import last_path, train
-from token_cache import load_tokens
-from utils import SmollError, eval_loss, load_model, split_data
+from utils import eval_loss, load_model, load_text_ids, split_data
 
 TINY = dict(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, dropout=0.1, max_iters=30,
             eval_interval=10, eval_iters=2, device="cpu", dtype="float32")
@@ -77,7 +77,7 @@ def test_eval_only_scores_the_ensemble_beside_its_members(tmp_path, tiny_text, c
     assert losses[2] <= (losses[0] + losses[1]) / 2
     # A model with itself is the model.
     model, tokenizer, config = load_model(paths[0])
-    ids, _ = load_tokens(tiny_text)
+    ids, _ = load_text_ids(tiny_text)
     _, val = split_data(ids, config.block_size)
     alone, _ = eval_loss(model, val, config.block_size)
     twice, _ = eval_loss(Ensemble([model, model]), val, config.block_size)

@@ -16,11 +16,11 @@ import time
 import pytest
 import torch
 
-import explorer.server as explorer_server
-import engine
+import smoll.explorer.server as explorer_server
 import play
 from conftest import ROOT
 from models import filter_logits
+from smoll.sampling.decoder import Decoder, Variant, prepare
 from utils import SHIPPED_WEIGHTS, load_model
 
 PROMPT = "ROMEO:"
@@ -38,7 +38,7 @@ def start(explorer, handler=None, host="127.0.0.1"):
 def shipped():
     """The shipped TinyGPT in float32 with its decoder, as `play.py --dtype float32` samples."""
     model, tokenizer, config = load_model(SHIPPED_WEIGHTS["tinygpt"])
-    model, decoder = engine.prepare_path(model, engine.SamplingPath("float32"), torch.device("cpu"))
+    model, decoder = prepare(model, Variant("float32"), torch.device("cpu"))
     bigram = load_model(SHIPPED_WEIGHTS["bigram"])[0]
     return explorer_server.Explorer(model, decoder, tokenizer, config, torch.device("cpu"), compare=("bigram", bigram))
 
@@ -408,7 +408,7 @@ def many_alphabets(tmp_path_factory):
     train(make_config(n_layer=1, n_embd=32, n_head=2, block_size=32, batch_size=8, max_iters=30, eval_interval=30,
                       eval_iters=2, device="cpu", dtype="float32"), str(text), str(folder / "m.pth"), sample_chars=0)
     model, tokenizer, config = load_model(str(folder / "m.pth"))
-    return explorer_server.Explorer(model, engine.Decoder(model), tokenizer, config, torch.device("cpu"))
+    return explorer_server.Explorer(model, Decoder(model), tokenizer, config, torch.device("cpu"))
 
 
 def test_the_page_puts_together_events_and_characters_split_across_reads_and_shows_a_broken_stream(many_alphabets):

@@ -14,14 +14,14 @@ import tempfile
 import numpy as np
 import pytest
 
-import token_cache
 import train as train_script
 import utils
 from config import make_config
-from conftest import ROOT
+from conftest import ROOT, load_tokens
+from smoll import data as token_cache
+from smoll import files
+from smoll.files import SmollError
 from train import train
-from token_cache import load_tokens
-from utils import SmollError
 
 TINY_RUN = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
             "--max_iters", "20", "--eval_interval", "10", "--eval_iters", "2", "--device", "cpu",
@@ -123,13 +123,15 @@ def test_a_damaged_token_cache_is_rebuilt_with_one_line(how, text, tmp_path, cap
     assert capsys.readouterr().err == ""
 
 
-def test_a_run_on_a_damaged_cache_trains_and_says_so(text, tmp_path):
-    load_tokens(text)
+def test_a_run_on_a_damaged_cache_trains_and_says_so(text, tmp_path, shakespeare):
+    big = tmp_path / "big.txt"  # past utils.BIG_TEXT_BYTES: train.py reads it through its token file
+    big.write_text(shakespeare * (utils.BIG_TEXT_BYTES // len(shakespeare) + 1), encoding="utf-8")
+    ids, _ = load_tokens(str(big))
     meta, binary = cached_files(tmp_path)
     binary.write_bytes(binary.read_bytes()[:100])  # a copy cut short
-    result = run_script("train.py", "--data", text, "--out", str(tmp_path / "m.pth"), *TINY_RUN)
+    result = run_script("train.py", "--data", str(big), "--out", str(tmp_path / "m.pth"), *TINY_RUN)
     assert result.returncode == 0, result.stderr
-    assert "is 100 bytes long where its description says 20,000" in result.stderr
+    assert f"is 100 bytes long where its description says {len(ids):,}" in result.stderr
     assert (tmp_path / "m.pth").exists()
 
 
@@ -188,7 +190,7 @@ def test_a_read_only_out_folder_is_found_before_the_data_is_read(text, tmp_path,
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    monkeypatch.setattr(train_script, "load_data", lambda *a: pytest.fail("the data was read first"))
+    monkeypatch.setattr(train_script, "load_text_ids", lambda *a: pytest.fail("the data was read first"))
     with pytest.raises(SmollError, match=r"could not write '.*m.pth': permission denied; write to a folder "
                                          r"you may write to \(the path comes from --out\)"):
         train(make_config(n_layer=1, n_embd=32, n_head=2, block_size=16, device="cpu"), text,
@@ -201,7 +203,7 @@ def test_a_history_that_cannot_be_written_stops_the_run_and_keeps_the_old_one(te
     out = tmp_path / "m.pth"
     train(config, text, str(out), sample_chars=0)
     old_csv = (tmp_path / "m.csv").read_bytes()
-    real_temp_file = utils.temp_file
+    real_temp_file = files.temp_file
 
     def disk_full_for_csv(folder, suffix):
         fd, tmp = real_temp_file(folder, suffix)
@@ -210,7 +212,7 @@ def test_a_history_that_cannot_be_written_stops_the_run_and_keeps_the_old_one(te
             fd = os.open("/dev/full", os.O_WRONLY)
         return fd, tmp
 
-    monkeypatch.setattr(utils, "temp_file", disk_full_for_csv)
+    monkeypatch.setattr(files, "temp_file", disk_full_for_csv)
     with pytest.raises(SmollError, match=r"could not write '.*m.csv': the disk is full; free some space"):
         train(config, text, str(out), sample_chars=0)
     monkeypatch.undo()
@@ -223,14 +225,14 @@ def test_a_loss_curve_that_cannot_be_drawn_is_reported_and_the_run_still_ends_we
     pytest.importorskip("matplotlib")
     config = make_config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=8, max_iters=10,
                          eval_interval=10, eval_iters=2, device="cpu", dtype="float32")
-    real_temp_file = utils.temp_file
+    real_temp_file = files.temp_file
 
     def no_room_for_pictures(folder, suffix):
         if suffix == ".png":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_temp_file(folder, suffix)
 
-    monkeypatch.setattr(utils, "temp_file", no_room_for_pictures)
+    monkeypatch.setattr(files, "temp_file", no_room_for_pictures)
     result = train(config, text, str(tmp_path / "m.pth"), sample_chars=0)
     assert result["full_val"] > 0 and (tmp_path / "m.pth").exists()
     out = capsys.readouterr().out

@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-import engine
-import explorer.server as explorer_server
+import smoll.explorer.server as explorer_server
 import play
 from models import sample_next
+from smoll.sampling.decoder import Variant, prepare
 from utils import SHIPPED_WEIGHTS, load_model
 
 NOT_FINITE = ["nan", "inf", "-inf"]
@@ -69,7 +69,7 @@ def test_the_flag_top_k_0_writes_the_text_of_no_top_k(capsys):
 @pytest.fixture(scope="module")
 def server():
     model, tokenizer, config = load_model(SHIPPED_WEIGHTS["tinygpt"])
-    model, decoder = engine.prepare_path(model, engine.SamplingPath("float32"), torch.device("cpu"))
+    model, decoder = prepare(model, Variant("float32"), torch.device("cpu"))
     explorer = explorer_server.Explorer(model, decoder, tokenizer, config, torch.device("cpu"))
     server = explorer_server.make_server(explorer, "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -1,4 +1,4 @@
-"""The decoding step compiled ahead of time (engine.py: PackagedDecoder, build_package, load_package):
+"""The decoding step compiled ahead of time (smoll/sampling/packages.py: PackagedDecoder, build_package, load_package):
 built once per CPU, PyTorch, code and model, reused by later runs, and never trusted when it does
 not match. Run with `python -m pytest tests/test_packages.py`.
 
@@ -13,19 +13,31 @@ import sys
 import pytest
 import torch
 
-import engine
 import play
 from config import make_config
-from engine import (PackageError, SamplingPath, build_package, load_package, package_files, package_key,
-                    packages_to_build, pick_sampling_path, prepare_path, read_note)
 from models import TinyGPT
-from utils import SmollError
+from smoll import devices
+from smoll.files import SmollError, file_sha256
+from smoll.sampling import choose as choosing
+from smoll.sampling import decoder as decoding
+from smoll.sampling import packages as packaging
+from smoll.sampling.choose import fastest_decoder, prepare_packages, prepare_variant
+from smoll.sampling.decoder import Int8Linear, Variant, prepare
+from smoll.sampling.packages import (PackagedDecoder, PackageError, build_package, load_package, missing_packages,
+                                     package_files, package_key, read_note)
 
 CPU = torch.device("cpu")
-F32, BF16, INT8 = SamplingPath("float32"), SamplingPath("bfloat16"), SamplingPath("int8")
-F32_COMPILED = SamplingPath("float32", compiled=True)
+F32, BF16, INT8 = Variant("float32"), Variant("bfloat16"), Variant("int8")
+F32_COMPILED = Variant("float32", compiled=True)
 SLOW_EAGER = {F32: 5e-3, BF16: 6e-3, INT8: 7e-3}  # simulated eager timings that a package beats
-HAVE_COMPILER = engine.have_compiler(CPU)
+HAVE_COMPILER = decoding.have_compiler(CPU)
+
+
+def patch(monkeypatch, name, value):
+    """Replace name in every module of the sampling engine that looks it up."""
+    for module in (decoding, packaging, choosing):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, value)
 
 
 def tiny(seed=0):
@@ -63,21 +75,21 @@ def install(built, cache_dir):
 def eager_timings(monkeypatch, timings=SLOW_EAGER):
     """Simulated eager timings (the choice is tested, not this machine's speed)."""
     def time_steps(model, decoder, batch_size, device):
-        if isinstance(decoder, engine.PackagedDecoder):
+        if isinstance(decoder, PackagedDecoder):
             return 1e-3
-        return timings[SamplingPath(str(model.lm_head.weight.dtype)[6:]
-                                    if type(model.lm_head) is torch.nn.Linear else
-                                    "int8" if type(model.lm_head) is engine.Int8Linear else "bfloat16")]
-    monkeypatch.setattr(engine, "time_steps", time_steps)
+        return timings[Variant(str(model.lm_head.weight.dtype)[6:]
+                               if type(model.lm_head) is torch.nn.Linear else
+                               "int8" if type(model.lm_head) is Int8Linear else "bfloat16")]
+    patch(monkeypatch, "time_steps", time_steps)
 
 
 def test_a_package_writes_the_reference_text_far_past_the_window(built, cache_dir):
     """Greedy text in float32 through the package equals the cache-free reference decoder
-    (models.stream with use_cache=False), through the filling ring and 5 windows past it."""
+    (stream with use_cache=False), through the filling ring and 5 windows past it."""
     model, _ = tiny()
     install(built, cache_dir)
-    fast_model, packaged = prepare_path(model, F32_COMPILED, CPU)
-    assert isinstance(packaged, engine.PackagedDecoder)
+    fast_model, packaged = prepare_variant(model, F32_COMPILED, CPU)
+    assert isinstance(packaged, PackagedDecoder)
     prompt = torch.tensor([[1, 2, 3]])
     reference = model.generate(prompt, 40, temperature=0, use_cache=False)
     assert torch.equal(fast_model.generate(prompt, 40, temperature=0, decoder=packaged), reference)
@@ -92,7 +104,7 @@ def test_the_note_says_what_the_package_is_and_how_fast_it_ran(built):
     key = package_key(model, F32_COMPILED, CPU, 1)
     assert read_note(key, folder) == note
     assert note["key"] == key and note["step_s"] > 0 and note["load_s"] > 0 and note["build_s"] > 0
-    assert note["sha256"] == engine.file_sha256(package_files(key, folder)[0])
+    assert note["sha256"] == file_sha256(package_files(key, folder)[0])
     assert not [f for f in os.listdir(folder) if f.endswith((".lock", ".tmp.pt2"))]  # nothing left behind
 
 
@@ -100,18 +112,18 @@ def test_a_second_run_loads_the_package_instead_of_compiling(built, cache_dir, m
     model, config = tiny()
     install(built, cache_dir)
     eager_timings(monkeypatch)
-    monkeypatch.setattr(engine, "build_package", lambda *a, **k: pytest.fail("built again"))
-    path, fast_model, decoder, report = pick_sampling_path(model, config, CPU, dtype_flag="float32", n_chars=500)
-    assert path == F32_COMPILED and isinstance(decoder, engine.PackagedDecoder)
+    patch(monkeypatch, "build_package", lambda *a, **k: pytest.fail("built again"))
+    fast_model, decoder, variant, report = fastest_decoder(model, config, CPU, dtype_flag="float32", n_chars=500)
+    assert variant == str(F32_COMPILED) and isinstance(decoder, PackagedDecoder)
     assert "package loaded and checked in" in report
-    assert packages_to_build(model, CPU, "float32") == []  # nothing for the background to do
+    assert missing_packages(model, CPU, "float32") == []  # nothing for the background to do
     # without a compiler a built package still loads: only building needs one
-    monkeypatch.setattr(engine, "have_compiler", lambda device: False)
-    path, *_ = pick_sampling_path(model, config, CPU, dtype_flag="float32", n_chars=500)
-    assert path == F32_COMPILED
+    patch(monkeypatch, "have_compiler", lambda device: False)
+    _, _, variant, _ = fastest_decoder(model, config, CPU, dtype_flag="float32", n_chars=500)
+    assert variant == str(F32_COMPILED)
     # --eager never loads one
-    path, *_ = pick_sampling_path(model, config, CPU, dtype_flag="float32", eager=True)
-    assert path == F32
+    _, _, variant, _ = fastest_decoder(model, config, CPU, dtype_flag="float32", eager=True)
+    assert variant == str(F32)
 
 
 def test_the_load_cost_counts_in_the_choice(built, cache_dir, monkeypatch):
@@ -124,8 +136,8 @@ def test_the_load_cost_counts_in_the_choice(built, cache_dir, monkeypatch):
     with open(note_file, "w") as f:
         json.dump(note, f)
     eager_timings(monkeypatch)
-    path, *_ = pick_sampling_path(model, config, CPU, dtype_flag="float32", n_chars=20)
-    assert path == F32
+    _, _, variant, _ = fastest_decoder(model, config, CPU, dtype_flag="float32", n_chars=20)
+    assert variant == str(F32)
 
 
 @pytest.mark.parametrize("damage", ["changed", "broken", "foreign"])
@@ -141,7 +153,7 @@ def test_a_damaged_or_foreign_package_is_removed_and_rebuilt_not_trusted(damage,
     elif damage == "broken":  # not a package at all, with a note that matches it
         open(pt2, "wb").write(b"not a zip file")
         note = json.loads(open(note_file).read())
-        note["sha256"] = engine.file_sha256(pt2)
+        note["sha256"] = file_sha256(pt2)
         open(note_file, "w").write(json.dumps(note))
     else:  # another model's package under this model's key: its first step gives other logits
         model, config = tiny(seed=1)
@@ -153,14 +165,14 @@ def test_a_damaged_or_foreign_package_is_removed_and_rebuilt_not_trusted(damage,
         os.remove(note_file)
         key, pt2, note_file = note["key"], other_pt2, other_note
     with pytest.raises(PackageError):
-        load_package(prepare_path(model, F32, CPU)[1], key, folder)
+        load_package(prepare(model, F32, CPU)[1], key, folder)
     eager_timings(monkeypatch)
     said = []
-    path, fast_model, decoder, _ = pick_sampling_path(model, config, CPU, dtype_flag="float32", n_chars=500,
+    fast_model, decoder, variant, _ = fastest_decoder(model, config, CPU, dtype_flag="float32", n_chars=500,
                                                       log=said.append)
-    assert path == F32 and not isinstance(decoder, engine.PackagedDecoder)  # eager, this run
+    assert variant == str(F32) and not isinstance(decoder, PackagedDecoder)  # eager, this run
     assert not os.path.exists(pt2) and not os.path.exists(note_file) and said
-    assert packages_to_build(model, CPU, "float32") == [F32_COMPILED]  # built again after the run
+    assert missing_packages(model, CPU, "float32") == [F32_COMPILED]  # built again after the run
 
 
 @pytest.mark.parametrize("change", ["torch", "cpu", "model", "code", "batch"])
@@ -171,12 +183,12 @@ def test_a_package_is_rebuilt_when_torch_the_cpu_the_model_or_the_code_changes(c
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     elif change == "cpu":  # a CPU of the same name with other instructions
-        monkeypatch.setattr(engine, "machine_fingerprint", lambda device: "AMD EPYC CPU, 2 threads, flags 0")
+        patch(monkeypatch, "machine_fingerprint", lambda device: "AMD EPYC CPU, 2 threads, flags 0")
     elif change == "model":
         with torch.no_grad():
             model.lm_head.weight[0, 0] += 1e-3  # one weight, changed in place
     elif change == "code":
-        monkeypatch.setattr(engine, "code_digest", lambda: "edited")
+        patch(monkeypatch, "code_digest", lambda: "edited")
     else:
         batch = 3
     after = package_key(model, F32_COMPILED, CPU, batch)
@@ -184,7 +196,6 @@ def test_a_package_is_rebuilt_when_torch_the_cpu_the_model_or_the_code_changes(c
 
 
 def test_the_cpu_fingerprint_tells_apart_cpus_of_one_name(monkeypatch):
-    import devices
     monkeypatch.setattr(devices, "cpu_info", lambda: ("AMD EPYC", {"avx2", "fma"}))
     zen1 = devices.machine_fingerprint(CPU)
     monkeypatch.setattr(devices, "cpu_info", lambda: ("AMD EPYC", {"avx2", "fma", "avx512f", "avx512_bf16"}))
@@ -192,14 +203,14 @@ def test_the_cpu_fingerprint_tells_apart_cpus_of_one_name(monkeypatch):
 
 
 def test_without_a_compiler_nothing_is_built_and_play_still_samples(cache_dir, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "have_compiler", lambda device: False)
-    monkeypatch.setattr(engine, "build_package", lambda *a, **k: pytest.fail("tried to compile"))
+    patch(monkeypatch, "have_compiler", lambda device: False)
+    patch(monkeypatch, "build_package", lambda *a, **k: pytest.fail("tried to compile"))
     model, config = tiny()
-    assert packages_to_build(model, CPU) == []
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=10_000_000)  # even where it would pay
-    assert not path.compiled
+    assert missing_packages(model, CPU) == []
+    _, _, variant, _ = fastest_decoder(model, config, CPU, n_chars=10_000_000)  # even where it would pay
+    assert "compiled" not in variant
     with pytest.raises(SmollError, match="C\\+\\+ compiler"):
-        engine.prepare_packages(model, config, CPU)
+        prepare_packages(model, config, CPU)
     play.main(["--length", "30", "--seed", "0", "--device", "cpu"])
     assert len(capsys.readouterr().out) == 31
 
@@ -207,26 +218,27 @@ def test_without_a_compiler_nothing_is_built_and_play_still_samples(cache_dir, m
 def test_a_long_run_builds_its_package_in_the_run_and_uses_it(cache_dir, monkeypatch):
     model, config = tiny()
     eager_timings(monkeypatch)
-    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
-    built_paths = []
+    patch(monkeypatch, "have_compiler", lambda device: True)
+    built_variants = []
 
-    def fake_build(model, path, device, batch_size, folder=None):  # stands in for a minute of compiling
-        built_paths.append(path)
-        key = package_key(model, path, device, batch_size)
+    def fake_build(model, variant, device, batch_size, folder=None):  # stands in for a minute of compiling
+        built_variants.append(variant)
+        key = package_key(model, variant, device, batch_size)
         note = {"key": key, "sha256": "x", "build_s": 30.0, "load_s": 0.02, "step_s": 1e-3}
-        engine._write_note(package_files(key)[1], note)
+        packaging._write_note(package_files(key)[1], note)
         return note
 
-    monkeypatch.setattr(engine, "build_package", fake_build)
-    real_prepare = engine.prepare_path
-    monkeypatch.setattr(engine, "prepare_path", lambda model, path, device, batch_size=1, **k: (
-        (model, "packaged") if path.compiled else real_prepare(model, path, device, batch_size, **k)))
-    path, _, decoder, _ = pick_sampling_path(model, config, CPU, n_chars=500)  # short: not in the run
-    assert built_paths == [] and not path.compiled
-    path, _, decoder, _ = pick_sampling_path(model, config, CPU, n_chars=1_000_000)
-    assert built_paths == [SamplingPath("float32", compiled=True)] and path.compiled and decoder == "packaged"
-    path, *_ = pick_sampling_path(model, config, CPU, n_chars=500)  # the next run loads what was built
-    assert path.compiled and len(built_paths) == 1
+    patch(monkeypatch, "build_package", fake_build)
+    real_prepare = choosing.prepare_variant
+    patch(monkeypatch, "prepare_variant", lambda model, variant, device, batch_size=1, **k: (
+        (model, "packaged") if variant.compiled else real_prepare(model, variant, device, batch_size, **k)))
+    _, decoder, variant, _ = fastest_decoder(model, config, CPU, n_chars=500)  # short: not in the run
+    assert built_variants == [] and "compiled" not in variant
+    _, decoder, variant, _ = fastest_decoder(model, config, CPU, n_chars=1_000_000)
+    assert built_variants == [Variant("float32", compiled=True)] and variant == "float32 compiled"
+    assert decoder == "packaged"
+    _, _, variant, _ = fastest_decoder(model, config, CPU, n_chars=500)  # the next run loads what was built
+    assert "compiled" in variant and len(built_variants) == 1
 
 
 def test_a_first_run_starts_the_build_in_the_background_after_its_text(cache_dir, monkeypatch, capsys):
@@ -236,13 +248,13 @@ def test_a_first_run_starts_the_build_in_the_background_after_its_text(cache_dir
         def __init__(self, command, **options):
             started.append((command, options))
 
-    monkeypatch.setattr(engine.subprocess, "Popen", FakePopen)
-    monkeypatch.setattr(engine, "have_compiler", lambda device: True)
+    monkeypatch.setattr(packaging.subprocess, "Popen", FakePopen)
+    patch(monkeypatch, "have_compiler", lambda device: True)
     monkeypatch.setenv("SMOLL_BACKGROUND_BUILD", "1")
     play.main(["--length", "20", "--seed", "0", "--device", "cpu", "--verbose"])
     err = capsys.readouterr().err
     (command, options), = started
-    assert command[command.index(sys.executable) + 1:][:2] == [os.path.join(engine.ROOT, "play.py"), "--prepare"]
+    assert command[command.index(sys.executable) + 1:][:2] == [os.path.join(packaging.ROOT, "play.py"), "--prepare"]
     assert "--weights" in command and command[command.index("--dtype") + 1] == "auto"
     if os.name == "posix" and shutil.which("nice"):
         assert command[:3] == [shutil.which("nice"), "-n", "19"] and options["start_new_session"]
@@ -263,10 +275,14 @@ def test_one_build_at_a_time(tmp_path, monkeypatch):
     key = package_key(model, F32_COMPILED, CPU, 1)
     pt2, _ = package_files(key, str(tmp_path))
     open(pt2 + ".lock", "w").close()  # another process is building this package
-    monkeypatch.setattr(engine, "prepare_path", lambda *a, **k: pytest.fail("built while locked"))
+    patch(monkeypatch, "prepare", lambda *a, **k: pytest.fail("built while locked"))
     assert build_package(model, F32_COMPILED, CPU, 1, folder=str(tmp_path)) is None
     os.utime(pt2 + ".lock", (0, 0))  # a lock from a build that died long ago is taken over
-    monkeypatch.setattr(engine, "prepare_path", lambda *a, **k: None)  # the path cannot run here
+
+    def cannot_run(*args, **kwargs):  # the variant cannot run here
+        raise SmollError("no kernel")
+
+    patch(monkeypatch, "prepare", cannot_run)
     note = build_package(model, F32_COMPILED, CPU, 1, folder=str(tmp_path))
     assert "failed" in note and read_note(key, str(tmp_path)) == note and not os.path.exists(pt2 + ".lock")
 
@@ -276,7 +292,7 @@ def test_old_packages_are_pruned(tmp_path):
         (tmp_path / f"{i}.pt2").write_bytes(b"x")
         (tmp_path / f"{i}.json").write_text("{}")
         os.utime(tmp_path / f"{i}.json", (i, i))
-    engine._prune(str(tmp_path), keep=2)
+    packaging._prune(str(tmp_path), keep=2)
     assert sorted(os.listdir(tmp_path)) == ["3.json", "3.pt2", "4.json", "4.pt2"]
 
 
@@ -288,4 +304,4 @@ def test_prepare_says_why_where_there_is_nothing_to_build(capsys):
         play.main(["--prepare", "--web"])
     assert stop.value.code == 2 and "--prepare builds the compiled step" in capsys.readouterr().err
     with pytest.raises(SmollError, match="--device cpu"):
-        engine.prepare_packages(tiny()[0], tiny()[1], torch.device("cuda"))
+        prepare_packages(tiny()[0], tiny()[1], torch.device("cuda"))

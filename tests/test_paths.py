@@ -1,4 +1,4 @@
-"""How play.py picks its sampling path by timing it, and caches the decision.
+"""How play.py picks its variant of the decoding step by timing it, and caches the decision.
 Run with `python -m pytest tests/test_paths.py`. Timings are recorded or simulated here: the
 choice is what is tested, not the speed of this machine."""
 
@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
-import engine
 import play
 from config import make_config
-from engine import Int8Linear, PackedLinear
 from models import TinyGPT
-from engine import SamplingPath, choose_path, pick_sampling_path, worth_compiling
+from smoll.sampling import choose as choosing
+from smoll.sampling import decoder as decoding
+from smoll.sampling.choose import choose, fastest_decoder, worth_compiling
+from smoll.sampling.decoder import Int8Linear, PackedLinear, Variant
 
-F32, BF16, INT8 = SamplingPath("float32"), SamplingPath("bfloat16"), SamplingPath("int8")
+F32, BF16, INT8 = Variant("float32"), Variant("bfloat16"), Variant("int8")
 CPU = torch.device("cpu")
 
 # Seconds per decoding step, as measured with the shipped model on two kinds of 2-core CPU.
@@ -35,15 +36,15 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def fake_timer(monkeypatch, timings):
-    """Replace time_steps by recorded timings; returns the list of paths it was asked to time."""
+    """Replace time_steps by recorded timings; returns the list of variants it was asked to time."""
     asked = []
 
     def time_steps(model, decoder, batch_size, device):
-        path = SamplingPath(DTYPE_OF[type(model.lm_head)](model))
-        asked.append(path)
-        return timings[path]
+        variant = Variant(DTYPE_OF[type(model.lm_head)](model))
+        asked.append(variant)
+        return timings[variant]
 
-    monkeypatch.setattr(engine, "time_steps", time_steps)
+    monkeypatch.setattr(choosing, "time_steps", time_steps)
     return asked
 
 
@@ -52,18 +53,18 @@ DTYPE_OF = {torch.nn.Linear: lambda m: str(m.lm_head.weight.dtype)[6:], PackedLi
 
 
 def test_the_fastest_path_wins_whatever_the_cpu_flags_say():
-    assert choose_path(AMD_EPYC, 500) == F32
-    assert choose_path(XEON_AMX, 500) == INT8
+    assert choose(AMD_EPYC, 500) == F32
+    assert choose(XEON_AMX, 500) == INT8
     only_bf16_fast = {F32: 1e-3, BF16: 0.5e-3}
-    assert choose_path(only_bf16_fast, 500) == BF16
+    assert choose(only_bf16_fast, 500) == BF16
 
 
 def test_compile_cost_counts_against_a_compiled_path():
-    compiled = SamplingPath("int8", compiled=True)
+    compiled = Variant("int8", compiled=True)
     timings = {INT8: 0.5e-3, compiled: 0.3e-3}
-    assert choose_path(timings, 500, {compiled: 12.0}) == INT8  # 0.25 s against 12.15 s
-    assert choose_path(timings, 100_000, {compiled: 12.0}) == compiled  # 50 s against 42 s
-    assert choose_path(timings, 500) == compiled  # compiled already: only the steps count
+    assert choose(timings, 500, {compiled: 12.0}) == INT8  # 0.25 s against 12.15 s
+    assert choose(timings, 100_000, {compiled: 12.0}) == compiled  # 50 s against 42 s
+    assert choose(timings, 500) == compiled  # compiled already: only the steps count
     assert not worth_compiling(0.5e-3, 500, compile_seconds=30)
     assert worth_compiling(0.5e-3, 200_000, compile_seconds=30)
 
@@ -72,15 +73,15 @@ def test_compile_cost_counts_against_a_compiled_path():
 def test_play_picks_what_it_timed_and_reuses_the_timings_next_time(timings, expected, cache_dir, monkeypatch):
     model, config = tiny()
     asked = fake_timer(monkeypatch, timings)
-    path, fast_model, decoder, report = pick_sampling_path(model, config, CPU, eager=True)
-    assert path == expected and "timed now" in report
+    fast_model, decoder, variant, report = fastest_decoder(model, config, CPU, eager=True)
+    assert variant == str(expected) and "timed now" in report
     assert set(asked) == {F32, BF16, INT8}
     assert model.lm_head.weight.dtype == torch.float32  # the loaded model itself is left as it was
     stored = json.loads((cache_dir / "sampling_paths.json").read_text())
     assert len(stored) == 1 and list(stored.values())[0]["steps"]["int8"] == timings[INT8]
     asked.clear()
-    path_again, _, _, report = pick_sampling_path(model, config, CPU, eager=True)
-    assert path_again == expected and asked == [] and "from the cache" in report
+    _, _, again, report = fastest_decoder(model, config, CPU, eager=True)
+    assert again == str(expected) and asked == [] and "from the cache" in report
     # the chosen path really is set up: its text is the model's own (float32) or close to it
     prompt = torch.zeros(1, 1, dtype=torch.long)
     text = fast_model.generate(prompt, 10, temperature=0, decoder=decoder)
@@ -92,19 +93,19 @@ def test_a_cached_decision_is_ignored_when_the_torch_version_the_cpu_or_the_mode
         change, cache_dir, monkeypatch):
     model, config = tiny()
     asked = fake_timer(monkeypatch, AMD_EPYC)
-    pick_sampling_path(model, config, CPU, eager=True)
+    fastest_decoder(model, config, CPU, eager=True)
     asked.clear()
     batch = 1
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", "9.9.9")
     elif change == "cpu":
-        monkeypatch.setattr(engine, "machine_fingerprint", lambda device: "Some Other CPU, 2 threads, flags 0")
+        monkeypatch.setattr(choosing, "machine_fingerprint", lambda device: "Some Other CPU, 2 threads, flags 0")
     elif change == "model":
         config = make_config(n_layer=2, n_embd=32, n_head=4, block_size=8, dropout=0.0)
         model = TinyGPT(config, 20).eval()
     else:
         batch = 3
-    pick_sampling_path(model, config, CPU, eager=True, batch_size=batch)
+    fastest_decoder(model, config, CPU, eager=True, batch_size=batch)
     assert set(asked) == {F32, BF16, INT8}  # timed again
     assert len(json.loads((cache_dir / "sampling_paths.json").read_text())) == 2
 
@@ -112,8 +113,8 @@ def test_a_cached_decision_is_ignored_when_the_torch_version_the_cpu_or_the_mode
 def test_dtype_overrides_the_timing(cache_dir, monkeypatch):
     model, config = tiny()
     asked = fake_timer(monkeypatch, XEON_AMX)
-    path, fast_model, _, _ = pick_sampling_path(model, config, CPU, dtype_flag="bfloat16", eager=True)
-    assert path == BF16 and asked in ([BF16], [])
+    fast_model, _, variant, _ = fastest_decoder(model, config, CPU, dtype_flag="bfloat16", eager=True)
+    assert variant == str(BF16) and asked in ([BF16], [])
     assert next(fast_model.parameters()).dtype == torch.bfloat16
 
 
@@ -121,8 +122,8 @@ def test_a_damaged_decision_file_is_remade(cache_dir, monkeypatch):
     (cache_dir / "sampling_paths.json").write_text("{not json", encoding="utf-8")
     model, config = tiny()
     fake_timer(monkeypatch, AMD_EPYC)
-    path, *_ = pick_sampling_path(model, config, CPU, eager=True)
-    assert path == F32
+    _, _, variant, _ = fastest_decoder(model, config, CPU, eager=True)
+    assert variant == str(F32)
     assert json.loads((cache_dir / "sampling_paths.json").read_text())
 
 
@@ -132,8 +133,8 @@ def test_an_unwritable_cache_folder_costs_only_the_next_runs_time(tmp_path, monk
     monkeypatch.setenv("SMOLL_CACHE", str(blocker / "sub"))  # a folder inside a file: cannot exist
     model, config = tiny()
     fake_timer(monkeypatch, AMD_EPYC)
-    path, *_ = pick_sampling_path(model, config, CPU, eager=True)
-    assert path == F32
+    _, _, variant, _ = fastest_decoder(model, config, CPU, eager=True)
+    assert variant == str(F32)
 
 
 def test_verbose_says_which_path_and_why(tmp_path, cache_dir, capsys):
@@ -157,7 +158,7 @@ def test_on_a_simulated_gpu_the_candidates_are_float32_and_its_native_half_with_
         capability, half, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
-    assert engine.eager_candidates(cuda, "auto") == [F32, SamplingPath(half)]
-    assert engine.compile_mode(cuda) == "reduce-overhead" and engine.compile_mode(CPU) is None
-    assert engine.have_compiler(cuda)  # CUDA builds of PyTorch ship Triton
-    assert engine.eager_candidates(torch.device("mps"), "auto") == [F32]
+    assert decoding.candidates(cuda, "auto") == [F32, Variant(half)]
+    assert decoding.compile_mode(cuda) == "reduce-overhead" and decoding.compile_mode(CPU) is None
+    assert decoding.have_compiler(cuda)  # CUDA builds of PyTorch ship Triton
+    assert decoding.candidates(torch.device("mps"), "auto") == [F32]

@@ -10,7 +10,7 @@ import torch
 import play
 from conftest import ROOT
 from config import make_config
-from engine import PackedLinear, pack_for_cpu_sampling
+from smoll.sampling.decoder import PackedLinear, pack_for_cpu_sampling
 from models import KVCache, TinyGPT
 from train import train
 

@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-import token_cache
-from conftest import SHAKESPEARE
-from token_cache import load_tokens
-from utils import file_sha256
+from conftest import SHAKESPEARE, load_tokens
+from smoll import data as token_cache
+from smoll.files import file_sha256
 
 LINUX = sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")  # Linux 4.0 on
 pytestmark = pytest.mark.skipif(not LINUX, reason="measures resident memory with Linux's /proc/self")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import training_speed
 import train as train_script
+from smoll import speed
 from config import Config, make_config
 from models import Bigram, TinyGPT
 from train import lr_scale, make_optimizers, train
@@ -342,15 +342,15 @@ def fake_passes(monkeypatch, written_out, sdpa, compiled=None):
     for a model that is not the run's eager one. Returns the list of what was timed."""
     timed = []
 
-    def time_passes(r, model, batch_size, block_size, passes=2):
-        if model is not r.eager_model:
+    def time_passes(run, model, batch_size, block_size, passes=2):
+        if model is not run.model:
             timed.append("compiled")
             return [5.0, compiled]
-        name = "sdpa" if r.model.blocks[0].attn.use_sdpa else "written-out"
+        name = "sdpa" if run.model.blocks[0].attn.use_sdpa else "written-out"
         timed.append(name)
         return [1.0, {"written-out": written_out, "sdpa": sdpa}[name]]
 
-    monkeypatch.setattr(training_speed, "time_passes", time_passes)
+    monkeypatch.setattr(speed, "time_passes", time_passes)
     return timed
 
 
@@ -384,7 +384,7 @@ def test_a_compiled_step_no_faster_than_the_eager_one_is_dropped_unless_asked_fo
     monkeypatch.setenv("SMOLL_CACHE", str(tmp_path / "cache"))
     fake_passes(monkeypatch, 0.04, 0.05, compiled=0.06)
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Wrapped(model))  # stands in for compiling
-    monkeypatch.setattr(train_script, "should_compile", lambda config, device: True)  # as for a long CPU run
+    monkeypatch.setattr(speed, "should_compile", lambda config, device: True)  # as for a long CPU run
     train(tiny_config, tiny_text, str(tmp_path / "auto.pth"), sample_chars=0)
     assert "the compiled step (60 ms) is no faster than the eager one (40 ms) here: training uncompiled" \
         in capsys.readouterr().out

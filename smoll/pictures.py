@@ -4,7 +4,7 @@ play.py --attention. matplotlib is optional: it is imported only when a picture 
 
 import os
 
-from utils import SmollError, replaced_atomically
+from smoll.files import SmollError, replaced_atomically
 
 
 def import_pyplot():

@@ -1,15 +1,16 @@
 """Devices and precision: which device to run on, what a GPU that cannot run this PyTorch needs,
-the fastest precision each device runs natively, a name for the CPU or GPU, and the timings that
-play.py and train.py take on this machine and keep for next time.
+the fastest precision each device runs natively, and a name for the CPU or GPU.
 
-train.py and play.py call get_device (train.py through distributed.setup_distributed) and
-resolve_dtype (play.py through engine.py); the rest is what those two need to give
-a sentence that names the fix instead of a traceback. Nothing here knows about models.
+    get_device(name)            -> torch.device   "auto": cuda, then mps, then cpu
+    resolve_dtype(name, device) -> torch.dtype    "auto": the device's fastest native precision
+
+play.py calls get_device; train.py reaches both through smoll.distributed.setup_machine. The rest
+is what they need to give a sentence that names the fix instead of a traceback. Nothing here knows
+about models.
 """
 
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import re
@@ -17,7 +18,7 @@ import shutil
 
 import torch
 
-from utils import SmollError, replaced_atomically, user_cache_dir
+from smoll.files import SmollError
 
 # ----------------------------------------------------------------------------------------------
 # Devices and precision
@@ -190,28 +191,3 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-# ----------------------------------------------------------------------------------------------
-# Choices timed on this machine (play.py's sampling path, train.py's attention), kept for next time
-
-
-def timings_path(name):
-    """Where timings are kept: smoll's folder of the user's cache (utils.user_cache_dir)."""
-    return os.path.join(user_cache_dir(), name)
-
-
-def read_timings(path):
-    """The stored timings, or {} when there are none or they cannot be read (then they are remade)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            timings = json.load(f)
-        return timings if isinstance(timings, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def write_timings(path, timings):
-    """Store the timings atomically; a cache that cannot be written only costs the next run time."""
-    with contextlib.suppress(SmollError), replaced_atomically(path, ".json", "w") as f:
-        json.dump(timings, f, indent=1, sort_keys=True)

@@ -1,8 +1,8 @@
 """Measure how fast smoll trains and samples on this machine.
 
-    python bench.py                        # the default TinyGPT (6 x 384, context 256)
-    python bench.py --preset cpu           # the model that --preset cpu trains
-    python bench.py --batch_size 8 --sample_chars 2000 --device cpu
+    python -m smoll.bench                        # the default TinyGPT (6 x 384, context 256)
+    python -m smoll.bench --preset cpu           # the model that --preset cpu trains
+    python -m smoll.bench --batch_size 8 --sample_chars 2000 --device cpu
 
 It first names the machine: the CPU (or GPU), its vector and matrix extensions, PyTorch.
 Training: tokens/s and ms per optimizer step of train.py's own train_step, on Tiny Shakespeare
@@ -29,13 +29,16 @@ import torch.nn.functional as F
 
 from config import MODELS, PRESETS, add_config_args, config_from_args
 from models import build_model
-from devices import cpu_extensions, describe_device, get_device, resolve_dtype, synchronize
-from engine import SamplingPath, build_package, choose_path, eager_candidates, have_compiler, prepare_path
-from eval_table import to_model_ids
-from token_cache import load_tokens
+from smoll.devices import cpu_extensions, describe_device, get_device, resolve_dtype, synchronize
+from smoll.distributed import setup_machine
+from smoll.eval_table import to_model_ids
+from smoll.files import SmollError
+from smoll.sampling.choose import choose, prepare_variant
+from smoll.sampling.decoder import Variant, candidates, have_compiler, prepare
+from smoll.sampling.packages import build_package
+from smoll.speed import warm_up
 from train import setup_run, train_step
-from training_speed import warm_up
-from utils import DEFAULT_DATA, SmollError, batch_shape, load_model, split_data
+from utils import DEFAULT_DATA, batch_shape, load_model, load_text_ids, split_data
 
 VOCAB = 65  # Tiny Shakespeare's
 
@@ -119,13 +122,14 @@ def bench_training(config, device, steps):
     """ms per step and tokens/s of train.py's own train_step, set up by its own setup_run (the
     data, model, optimizers and compiling, as `python train.py` with this config), at full length."""
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's log lines, which would say where it saves
-        r = setup_run(config, DEFAULT_DATA, os.path.join(tempfile.gettempdir(), "bench.pth"), None, 0, 1, device)
-        r.step = config.seq_warmup  # past any sequence-length warmup: full-length batches
-        warm_up(r)  # as train.py does: times the attention, compiles, keeps compiling only where it pays
-    seconds = timed(lambda: train_step(r, 1.0), device, steps)
-    B, T = batch_shape(r.step, config)
-    return {"ms_per_step": 1000 * seconds, "tokens_per_s": B * T / seconds, "model": r.model,
-            "dtype": r.dtype, "compiled": r.compiled, "attention": r.record.get("attention", "sdpa")}
+        run = setup_run(config, setup_machine(config), DEFAULT_DATA, os.path.join(tempfile.gettempdir(), "bench.pth"))
+        run.step = config.seq_warmup  # past any sequence-length warmup: full-length batches
+        step_model = warm_up(run)  # as train.py does: times the attention, compiles where it pays
+    seconds = timed(lambda: train_step(run, step_model, 1.0), device, steps)
+    B, T = batch_shape(run.step, config)
+    return {"ms_per_step": 1000 * seconds, "tokens_per_s": B * T / seconds, "model": run.model,
+            "dtype": run.machine.dtype, "compiled": "compile_s" in run.record,
+            "attention": run.record.get("attention", "sdpa")}
 
 
 def bench_reference_training(model, optimizer, config, device, steps):
@@ -144,25 +148,26 @@ def bench_reference_training(model, optimizer, config, device, steps):
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": tokens / seconds}
 
 
-def bench_sampling(config, device, path, chars, folder=None):
-    """Characters/s of smoll's KV cache on one sampling path, generating `chars` characters after
-    a prompt that fills the whole window, with the model prepared as play.py prepares it. A
-    compiled path on a CPU is first built into a package in `folder` (as play.py --prepare does).
-    Returns (chars/s, parameters, seconds spent building), or None where this PyTorch cannot run the path."""
+def bench_sampling(config, device, variant, chars, folder=None):
+    """Characters/s of smoll's KV cache on one variant of the decoding step, generating `chars`
+    characters after a prompt that fills the whole context window, with the model prepared as
+    play.py prepares it. A compiled variant on a CPU is first built into a package in `folder` (as
+    play.py --prepare does). Returns (chars/s, parameters, seconds spent building), or None where
+    this PyTorch cannot run the variant."""
     torch.manual_seed(0)
     model = build_model(config, VOCAB).to(device).eval()
     n_params, build_s = sum(p.numel() for p in model.parameters()), 0.0
-    if path.compiled and device.type == "cpu":
+    if variant.compiled and device.type == "cpu":
         t0 = time.perf_counter()
-        note = build_package(model, path, device, 1, folder=folder)
+        note = build_package(model, variant, device, 1, folder=folder)
         build_s = time.perf_counter() - t0
         if note is None or "failed" in note:
-            print(f"sampling past the window: smoll, {path}: not built ({note['failed'] if note else 'locked'})")
+            print(f"sampling past the window: smoll, {variant}: not built ({note['failed'] if note else 'locked'})")
             return None
-    prepared = prepare_path(model, path, device, folder=folder)
-    if prepared is None:
+    try:
+        model, decoder = prepare_variant(model, variant, device, folder=folder)
+    except SmollError:
         return None
-    model, decoder = prepared
     prompt = torch.randint(VOCAB, (1, config.block_size), device=device)
     steps = model.stream(prompt, chars + 4, decoder=decoder)
     for _ in range(4):  # the prompt, then 3 steps that warm up (and compile): not timed
@@ -196,12 +201,12 @@ def window_quality(weights, data_path, n_texts=16, device="cpu", dtype="float32"
     with the model set up the way play.py samples with it on the path of `dtype`
     ("float32", "bfloat16", "float16" or "int8")."""
     model, tokenizer, config = load_model(weights, device, flag="--window_quality")
-    prepared = prepare_path(model, SamplingPath(dtype), torch.device(device))
-    if prepared is None:
-        raise SmollError(f"this PyTorch cannot sample in {dtype} on {device}: pick another --sample_dtype.")
-    model = prepared[0]
+    try:
+        model, _ = prepare(model, Variant(dtype), torch.device(device))
+    except SmollError:
+        raise SmollError(f"this PyTorch cannot sample in {dtype} on {device}: pick another --sample_dtype.") from None
     W = config.block_size
-    ids, text_tokenizer = load_tokens(data_path)
+    ids, text_tokenizer = load_text_ids(data_path)
     _, val = split_data(to_model_ids(ids, text_tokenizer, tokenizer, data_path), W)
     starts = torch.randint(len(val) - 4 * W - 1, (n_texts,), generator=torch.Generator().manual_seed(0))
     sliding, rerun = [], []
@@ -304,23 +309,23 @@ def bench_all_training(args, config, device, peak, parser):
 def bench_all_sampling(args, config, device):
     reference = bench_reference_sampling(config, device, args.reference_chars)
     print(f"sampling past the window: nanoGPT-style generate (float32, no cache): {reference:,.1f} chars/s")
-    paths = eager_candidates(device, "auto")
+    variants = candidates(device, "auto")
     if args.compile_sampling and have_compiler(device):
-        paths += [SamplingPath(p.dtype, compiled=True) for p in paths]
+        variants += [Variant(v.dtype, compiled=True) for v in variants]
     speeds = {}
     with tempfile.TemporaryDirectory(prefix="smoll-bench-") as folder:  # packages of random weights: not kept
-        for path in paths:
-            measured = bench_sampling(config, device, path, args.sample_chars, folder)
+        for variant in variants:
+            measured = bench_sampling(config, device, variant, args.sample_chars, folder)
             if measured is None:
-                print(f"sampling past the window: smoll, {path}: not available in this PyTorch")
+                print(f"sampling past the window: smoll, {variant}: not available in this PyTorch")
                 continue
-            speed, n_params, build_s = speeds[path] = measured
+            speed, n_params, build_s = speeds[variant] = measured
             built = f" | built in {build_s:.0f} s, once per machine" if build_s else ""
-            print(f"sampling past the window: smoll with the KV cache, {path}: {speed:,.0f} chars/s | "
+            print(f"sampling past the window: smoll with the KV cache, {variant}: {speed:,.0f} chars/s | "
                   f"{speed * n_params / 1e9:,.2f} G parameter-tokens/s ({n_params / 1e6:.2f}M parameters) | "
                   f"{speed / reference:.1f}x the nanoGPT-style generate{built}")
     if speeds:
-        best = choose_path({p: 1 / s[0] for p, s in speeds.items()}, args.sample_chars)
+        best = choose({v: 1 / s[0] for v, s in speeds.items()}, args.sample_chars)
         print(f"fastest sampling path here: {best} (play.py times its own choice at start)")
 
 

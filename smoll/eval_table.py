@@ -1,6 +1,6 @@
 """`python train.py --eval_only`: the table that scores checkpoints side by side, on the full
 validation split, with how and where each was trained; with --ensemble, one more column for all
-of them predicting together (ensemble.Ensemble).
+of them predicting together (smoll/ensemble.py).
 
 The loss itself is utils.eval_loss, the same function train.py scores its runs with.
 """
@@ -10,17 +10,17 @@ import os
 
 import numpy as np
 
-from devices import get_device
-from ensemble import Ensemble, describe_config, training_seconds
-from token_cache import load_tokens
-from utils import FULL_EVAL_CHARS, SmollError, eval_loss, file_sha256, load_checkpoint, load_model, split_data
+from smoll.devices import get_device
+from smoll.ensemble import Ensemble, describe_config, training_seconds
+from smoll.files import SmollError, file_sha256
+from utils import FULL_EVAL_CHARS, eval_loss, load_checkpoint, load_model, load_text_ids, split_data
 
 
 def eval_only(weights, data_path, device_name, full_eval=False, ensemble=False):
     """Print each checkpoint's run and its validation loss, side by side; with ensemble, also the
     loss of all of them predicting together (ensemble.Ensemble: the mean of their probabilities)."""
     device = get_device(device_name)
-    ids, text_tokenizer = load_tokens(data_path)
+    ids, text_tokenizer = load_text_ids(data_path)
     max_chars = None if full_eval else FULL_EVAL_CHARS
     rows, members = [], []
     for path in weights:
@@ -69,7 +69,7 @@ def score_columns(loss, n_scored, val_data):
 
 def ensemble_row(members, ids, text_tokenizer, data_path, device, max_chars):
     """eval_only's column for the members predicting together. They must share a vocabulary; each
-    sees the context of the shortest, so the windows are that member's."""
+    sees the context of the shortest, so the chunks scored are that member's."""
     models = [model for model, _, _, _ in members]
     tokenizer = members[0][1]
     if any(t.chars != tokenizer.chars for _, t, _, _ in members):

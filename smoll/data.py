@@ -1,8 +1,20 @@
-"""Token files: a text of any size, encoded once, read in bounded memory.
+"""Token files: a text too big to read at once, encoded once and read in bounded memory.
 
-train.py (through distributed.load_data) and eval_table.py call
-load_tokens(path) -> (ids, tokenizer); everything else here is how the encoded
-text is kept, found again and checked. The tokenizer itself is utils.CharTokenizer.
+    load_token_file(path) -> (ids, vocabulary)
+
+utils.load_text_ids calls it for a text over utils.BIG_TEXT_BYTES; it gives exactly the ids and the
+vocabulary that utils.CharTokenizer gives the whole text (tests/test_data.py checks), without ever
+holding the text in memory. Everything else here is how the encoded text is kept, found again and
+checked.
+
+The first run on a text encodes it once, in pieces, into a file of character ids: uint8, uint16 or
+uint32, the smallest that holds its vocabulary. Every later run, and every torchrun process, reads
+that file through a memory map, so memory use does not grow with the text. The file is cached in
+.smoll_cache/ beside the text (or in ~/.cache/smoll/ when that folder is read-only; the SMOLL_CACHE
+environment variable names another folder) under the text's SHA-256, so an edited text is never
+trained from a stale cache. Deleting the folder is always safe. A cached file is checked each time
+it is opened (check_token_file): one that does not match its description or its text, or holds an
+id outside its vocabulary, is encoded again.
 """
 
 import contextlib
@@ -13,19 +25,10 @@ import os
 import sys
 
 import numpy as np
+import torch.distributed as dist
 from tqdm import tqdm
 
-from utils import (UNKNOWN, CharTokenizer, SmollError, file_sha256, reading, temp_file, user_cache_dir,
-                   write_failure)
-
-# The first run on a text encodes it once, in pieces, into a file of character ids: uint8, uint16
-# or uint32, the smallest that holds its vocabulary. Every later run, and every torchrun rank,
-# reads that file through a memory map, so memory use does not grow with the text. The file is
-# cached in .smoll_cache/ beside the text (or in ~/.cache/smoll/ when that folder is read-only;
-# the SMOLL_CACHE environment variable names another folder) under the text's SHA-256, so an
-# edited text is never trained from a stale cache. Deleting the folder is always safe.
-# A cached file is checked each time it is opened (check_token_file): one that does not match its
-# description or its text, or holds an id outside its vocabulary, is encoded again.
+from smoll.files import SmollError, file_sha256, reading, temp_file, user_cache_dir, write_failure
 
 CHUNK_BYTES = 1 << 24  # how much of a file is read at a time: the text while encoding, the ids while checking
 
@@ -36,18 +39,31 @@ def cache_dirs(text_path):
     return [os.path.join(os.path.dirname(os.path.abspath(text_path)), ".smoll_cache"), user_cache_dir()]
 
 
-def load_tokens(path, flag="--data", progress=True, min_count=1):
-    """The character ids of the UTF-8 text at path, memory-mapped, and its tokenizer.
+def load_token_file(path, flag="--data", min_count=1, unknown="\ufffd"):
+    """The character ids of the UTF-8 text at path, memory-mapped, and its vocabulary.
 
-    Returns (ids, tokenizer): ids is a read-only 1-D numpy array, with ids[i] the id of the i-th
-    character; the vocabulary is every character of the text, sorted. With min_count > 1, the
-    characters that occur fewer times all become UNKNOWN. The text is encoded the first time and
-    cached (see above); later calls only hash it to find its token file.
+    Returns (ids, chars): ids is a read-only 1-D numpy array, with ids[i] the id of the i-th
+    character; chars is every character of the text, sorted. With min_count > 1, the characters
+    that occur fewer times all become `unknown`. The text is encoded the first time and cached (see
+    above); later calls only hash it to find its token file. Under torchrun, the first process of
+    each machine encodes the text while the others wait, then they all read its token file.
     """
     if not os.path.isfile(path):
         raise SmollError(f"text file '{path}' does not exist: pass an existing file with {flag}.")
     if os.path.getsize(path) == 0:
         raise SmollError(f"'{path}' is empty: give {flag} a file with some text in it.")
+    several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if several and not first:
+        dist.barrier()
+    try:
+        return _load_token_file(path, flag, min_count, unknown, progress=first)
+    finally:
+        if several and first:
+            dist.barrier()
+
+
+def _load_token_file(path, flag, min_count, unknown, progress):
     with reading(path, flag):
         digest = file_sha256(path)
     name = f"{os.path.basename(path)}.{digest[:16]}"  # the whole vocabulary's token file
@@ -60,7 +76,7 @@ def load_tokens(path, flag="--data", progress=True, min_count=1):
             os.makedirs(folder, exist_ok=True)
             meta_path = find_valid(path, name, digest) or encode_to_token_file(path, folder, digest, progress)
             if merged:
-                meta_path = merge_rare_characters(meta_path, min_count, os.path.join(folder, merged))
+                meta_path = merge_rare_characters(meta_path, min_count, unknown, os.path.join(folder, merged))
             return _open_token_file(meta_path)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -162,7 +178,7 @@ def _open_token_file(meta_path):
         meta = json.load(f)
     ids = np.memmap(meta_path[:-len(".json")] + ".bin", dtype=meta["dtype"], mode="r",
                     shape=(meta["n_ids"],))
-    return ids, CharTokenizer(meta["vocab"], UNKNOWN if meta.get("min_count", 1) > 1 else None)
+    return ids, meta["vocab"]
 
 
 def _write_token_file(stem, meta, pieces):
@@ -239,16 +255,16 @@ def encode_to_token_file(path, folder, digest, progress=True):
         bar.close()
 
 
-def merge_rare_characters(meta_path, min_count, stem):
+def merge_rare_characters(meta_path, min_count, unknown, stem):
     """Write stem.bin, the token file of meta_path with the characters seen fewer than min_count
-    times all turned into UNKNOWN (--min_char_count), and stem.json. Returns the .json's path."""
+    times all turned into `unknown` (--min_char_count), and stem.json. Returns the .json's path."""
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     keep = [ch for ch, n in zip(meta["vocab"], meta["counts"]) if n >= min_count]
-    vocab = sorted(set(keep) | {UNKNOWN})
+    vocab = sorted(set(keep) | {unknown})
     new_id = {ch: i for i, ch in enumerate(vocab)}
     dtype = id_dtype(len(vocab))
-    to_new = np.array([new_id[ch if n >= min_count else UNKNOWN] for ch, n in zip(meta["vocab"], meta["counts"])],
+    to_new = np.array([new_id[ch if n >= min_count else unknown] for ch, n in zip(meta["vocab"], meta["counts"])],
                       dtype=dtype)  # old id -> new id
     counts = np.zeros(len(vocab), dtype=np.int64)
     np.add.at(counts, to_new.astype(np.int64), meta["counts"])

@@ -5,7 +5,7 @@
     load_teachers(paths, ...) -> the --teacher checkpoints of train.py, frozen, as one Ensemble
 
 train.py --teacher trains a student with these; train.py --eval_only --ensemble scores an
-Ensemble (eval_table.py). Both models of models.py can be members.
+Ensemble (smoll/eval_table.py). Both models of models.py can be members.
 """
 
 import math
@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import cross_entropy
-from utils import SmollError, autocast, file_sha256, load_checkpoint, load_model
+from smoll.files import SmollError, file_sha256
+from utils import autocast, load_checkpoint, load_model
 
 
 class Ensemble(nn.Module):

@@ -27,7 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from models import TinyGPT, filter_logits
-from utils import SHIPPED_WEIGHTS, SmollError, load_model
+from smoll.files import SmollError
+from utils import SHIPPED_WEIGHTS, load_model
 
 EXPLORER_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 MAX_BODY = 64 * 1024  # bytes: a request body over this is refused
@@ -245,7 +246,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             characters = self.explorer.generation(body)
         except RequestError as e:
             return self.send_json(e.status, {"error": str(e)})
-        self.stream(characters)
+        self.send_events(characters)
 
     def read_json(self):
         try:
@@ -263,7 +264,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
             raise RequestError(400, 'the body must be a JSON object, such as {"text": "ROMEO:"}.')
         return body
 
-    def stream(self, characters):
+    def send_events(self, characters):
         """Server-sent events: one `data: {"text": ...}` event a character, then `event: done`.
         A browser that goes away (Stop, a closed tab) ends the generation at its next character."""
         self.send_response(200)
@@ -392,7 +393,8 @@ def compare_model(args, model, tokenizer, device):
 
 def serve(args, model, decoder, tokenizer, config, device):
     if not os.path.isfile(EXPLORER_PAGE):
-        raise SmollError(f"the explorer's page {EXPLORER_PAGE} is missing: restore it with `git checkout -- explorer/`.")
+        raise SmollError(f"the explorer's page {EXPLORER_PAGE} is missing: restore it with "
+                         f"`git checkout -- smoll/explorer/`.")
     explorer = Explorer(model, decoder, tokenizer, config, device, compare_model(args, model, tokenizer, device))
     try:
         server = make_server(explorer, args.host, args.port)
