@@ -9,6 +9,7 @@ The value a run uses is settled in this order, later winning:
 
 import argparse
 import inspect
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -36,7 +37,7 @@ class Config:
     optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for the rest
     learning_rate: float = 3e-4  # peak learning rate of AdamW
     muon_lr: float = 0.02  # peak learning rate of Muon, with --optimizer muon
-    max_iters: int = 5000  # optimizer steps (older versions called these "epochs")
+    max_iters: int = 5000  # optimizer steps: one batch each
     time_budget: float = 0.0  # seconds: train for this long instead of max_iters (0 = off)
     warmup_iters: int = 100  # steps of linear warmup from 0 to the peak learning rate
     seq_warmup: int = 0  # this many first steps train on half-length contexts, twice as many per batch (0: off)
@@ -50,7 +51,7 @@ class Config:
     distill_temperature: float = 1.0  # student and teacher logits are divided by this before they are compared
     # --- evaluation and bookkeeping ---
     eval_interval: int = 500  # estimate train/val loss every this many steps (and at the last)
-    eval_iters: int = 200  # batches per loss estimate
+    eval_iters: int = 200  # batches of each split per loss estimate (a smaller split is scored whole)
     seed: int = 1337  # seeds the weights, the batches and dropout: same seed, same run
     device: str = "auto"  # "auto" picks cuda, then mps, then cpu; or name one of them
     dtype: str = "auto"  # autocast "float32", "bfloat16" or "float16"; "auto" = the device's fastest
@@ -60,6 +61,9 @@ class Config:
         """Raise ValueError with a sentence that names the fix for the first bad value."""
         if self.model not in MODELS:
             raise ValueError(f"unknown model '{self.model}': choose one of {', '.join(MODELS)}.")
+        for f in fields(self):  # Python's float() reads "nan" and "inf": refused here, not in a traceback later
+            if f.type is float and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"--{f.name} must be a finite number, got {getattr(self, f.name)}.")
         for name in ("block_size", "n_embd", "n_head", "n_layer", "min_char_count", "batch_size", "grad_accum",
                      "max_iters", "eval_interval", "eval_iters"):
             if getattr(self, name) <= 0:

@@ -1,20 +1,22 @@
 """smoll's two character-level language models, and how text is sampled from them.
 
-    LanguageModel    -> what both models share: forward(idx, targets) -> (logits, loss), generate, stream
+    LanguageModel    -> what both models share: generate and stream, which sample text from them
+    build_model, cross_entropy -> the model a config names; the loss both models compute
     Bigram           -> the baseline: the next character from the previous one alone
-    TinyGPT          -> a GPT-style decoder-only transformer, then its parts, whole to detail:
+    TinyGPT, soft_cap -> a GPT-style decoder-only transformer, then its parts, whole to detail:
         Block            one layer: attention, then an MLP, each added to the residual stream
-        CausalSelfAttention, causal_attention, causal_mask   softmax(QK^T / sqrt(d) + mask) V, by heads
-        MLP              widen, a nonlinearity, project back
+        CausalSelfAttention   softmax(QK^T / sqrt(d) + mask) V, head by head
+        causal_attention, causal_mask, qk_norm   attention written out
+        MLP, relu2       widen, a nonlinearity, project back
         rotary_tables, apply_rotary   where positions come in (RoPE)
     sample_next, filter_logits, KVCache -> generation: the next character from the logits, and the
         cache that lets each new character cost one position's work
 
 Both models share one interface: forward(idx, targets=None) -> (logits, loss), where idx holds
 character ids of shape (B, T), logits has shape (B, T, vocab) and loss is the mean cross-entropy
-against targets (or None). train.py and play.py never need to know which model they hold.
-stream() here is the reference for generation: the fast decoder of smoll/sampling reuses these
-pieces, and the tests check it against stream() without it.
+against targets (or None). train.py's loop and play.py's sampling never need to know which model
+they hold. stream() without a decoder is the reference for generation: the fast decoder of
+smoll/sampling reuses these pieces, and the tests check it against that reference.
 """
 
 import math
@@ -101,6 +103,7 @@ class Bigram(LanguageModel):
         super().__init__()
         self.block_size = config.block_size
         self.receptive_field = 1  # the current character alone
+        # (named as in the "Let's build GPT" lecture: the "embedding" of a character is its row of logits)
         self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
         # Small weights give near-uniform predictions, so the loss starts at about ln(vocab).
         nn.init.normal_(self.token_embedding_table.weight, std=0.02)

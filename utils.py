@@ -192,8 +192,8 @@ def eval_loss(model, data, block_size, batch_size=32, device="cpu", dtype=torch.
 
     Each position is predicted from the characters before it inside its chunk. Scored whole,
     two models on the same split are exactly comparable. train.py scores its run with this: every
-    eval_interval steps on a few chunks of each split (its estimate), and at the end on the whole
-    validation split. A progress bar shows up when it takes more than a second; it returns None at
+    eval_interval steps on eval_iters batches of each split (its estimate), and at the end on the
+    whole validation split. A progress bar shows up when it takes more than a second; it returns None at
     once when stop.requested turns True (a Ctrl-C).
     """
     was_training = model.training
@@ -263,7 +263,8 @@ def load_checkpoint(path, flag="--weights"):
 def load_model(path, device="cpu", flag="--weights"):
     """Load a checkpoint into a ready-to-sample model. Returns (model, tokenizer, config).
 
-    The model is in eval mode, in float32, on device. Its type comes from the checkpoint.
+    The model is in eval mode, in float32, on device. Its type comes from the checkpoint. (play.py
+    then samples from a copy set up for the fastest variant here, perhaps in bfloat16 or int8.)
     """
     checkpoint = load_checkpoint(path, flag)
     config = config_from_dict(checkpoint["config"])

@@ -228,8 +228,9 @@ def describe_machine(device):
     return f"device: {describe_device(device)}{cpu} | torch {torch.__version__}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Measure smoll's training and sampling speed.")
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m smoll.bench",
+                                     description="Measure smoll's training and sampling speed.")
     parser.add_argument("--model", choices=MODELS, default="tinygpt", help=argparse.SUPPRESS)
     parser.add_argument("--preset", choices=list(PRESETS), help="benchmark a preset's model and batch")
     parser.add_argument("--train_steps", type=int, default=10, help="timed training steps (default: 10)")
@@ -246,11 +247,17 @@ def main(argv=None):
                         help="with --window_quality: the sampling path to score (default: --dtype, "
                              "or float32 for auto)")
     parser.add_argument("--compile_sampling", action="store_true",
-                        help="also time the compiled decoding step of each path: on a CPU the package "
-                             "that play.py builds and loads (20 to 60 s to build each on 2 cores), "
+                        help="also time the compiled decoding step of each variant: on a CPU the package "
+                             "that play.py builds and loads (20 s to a minute and a half to build each "
+                             "on 2 cores), "
                              "on CUDA torch.compile with CUDA graphs")
     parser.add_argument("--sampling_only", action="store_true", help="skip the training benchmarks")
     add_config_args(parser)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for flag in ("train_steps", "sample_chars", "reference_chars"):
         if getattr(args, flag) < 1:

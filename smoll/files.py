@@ -96,14 +96,14 @@ def temp_file(folder, suffix):
 
 
 @contextlib.contextmanager
-def replaced_atomically(path, suffix, mode="wb", make_folder=True):
-    """A file to write in place of path: a temp file beside it, renamed over path once the block
-    ends. A crash, a full disk or Ctrl-C mid-write leaves the old file untouched, never a
-    half-written one, and no temp file behind; an OSError becomes write_failure's SmollError."""
+def replaced_atomically(path, suffix, mode="wb"):
+    """A file to write in place of path (its folders made if need be): a temp file beside it, renamed
+    over path once the block ends. A crash, a full disk or Ctrl-C mid-write leaves the old file
+    untouched, never a half-written one, and no temp file behind; an OSError becomes write_failure's
+    SmollError."""
     folder = os.path.dirname(os.path.abspath(path))
     with writing(path):
-        if make_folder:
-            os.makedirs(folder, exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         fd, tmp = temp_file(folder, suffix)
         try:
             with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
@@ -121,7 +121,12 @@ def atomic_save(obj, path):
     """torch.save into a temp file beside path, then rename over it (see replaced_atomically).
     Every tensor goes to the CPU first, so that a file saved on a GPU loads on any machine."""
     with replaced_atomically(path, ".pth") as f:
-        torch.save(to_cpu(obj), f)
+        try:
+            torch.save(to_cpu(obj), f)
+        except RuntimeError as e:  # a write that failed (a full disk) can surface as the zip writer's error
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
 
 
 def to_cpu(obj):

@@ -40,7 +40,7 @@ def save_figure(plt, fig, path):
     renamed into place, so a failed write leaves any earlier picture whole; close it whatever happens."""
     kind = os.path.splitext(path)[1][1:].lower() or "png"
     try:
-        with replaced_atomically(path, "." + kind, make_folder=False) as f:
+        with replaced_atomically(path, "." + kind) as f:
             fig.savefig(f, format=kind)
     finally:
         plt.close(fig)

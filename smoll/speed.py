@@ -12,6 +12,7 @@ Every random state is put back afterwards, so the run goes on exactly as without
 run is train.py's Run.
 """
 
+import math
 import time
 
 import torch
@@ -20,7 +21,7 @@ from smoll.devices import synchronize
 from smoll.distributed import rng_states, set_rng_states, wrap_ddp
 from smoll.ensemble import teacher_log_probs
 from smoll.files import cache_path, read_json, write_json
-from utils import autocast, batch_shape, get_batch
+from utils import autocast, batch_shape, eval_chunks, get_batch
 
 
 def warm_up(run):
@@ -106,8 +107,15 @@ def time_teachers(run):
 
 
 def time_evaluation(run):
-    """Seconds one evaluation of train.py takes: eval_iters batches of each split, timed on one."""
-    x, y = get_batch(run.val_data, run.config.batch_size, run.config.block_size, torch.Generator().manual_seed(0),
+    """Seconds one evaluation of train.py takes: the batches it scores of each split (eval_iters, or
+    fewer where a split is smaller: utils.eval_chunks), timed on one."""
+    config = run.config
+    batches = 0
+    for data in (run.train_data, run.val_data):
+        max_chars = config.eval_iters * config.batch_size * config.block_size  # as train.py's estimate
+        starts, tail = eval_chunks(len(data), config.block_size, max_chars)
+        batches += math.ceil(len(starts) / config.batch_size) + (1 if tail else 0)
+    x, y = get_batch(run.val_data, config.batch_size, config.block_size, torch.Generator().manual_seed(0),
                      run.machine.device)
     run.model.eval()
     t = time.perf_counter()
@@ -115,7 +123,7 @@ def time_evaluation(run):
         run.model(x, y)
     synchronize(run.machine.device)
     run.model.train()
-    return 2 * run.config.eval_iters * (time.perf_counter() - t)
+    return batches * (time.perf_counter() - t)
 
 
 def choose_attention(run, model):

@@ -10,6 +10,7 @@ import torch
 import play
 import train
 from conftest import ROOT
+from smoll.files import SmollError
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16", "--batch_size", "8",
         "--max_iters", "30", "--eval_interval", "15", "--eval_iters", "2", "--device", "cpu"]
@@ -86,7 +87,7 @@ def test_a_damaged_shipped_file_is_restored_from_git_not_retrained(tmp_path, mon
     shipped.write_bytes(b"not a checkpoint")
     monkeypatch.setattr(utils, "ROOT", str(tmp_path))
     monkeypatch.setattr(utils, "SHIPPED_WEIGHTS", {"tinygpt": str(shipped)})
-    with pytest.raises(utils.SmollError, match=r"restore the shipped file with `git checkout -- models/tinygpt.pth`\.$"):
+    with pytest.raises(SmollError, match=r"restore the shipped file with `git checkout -- models/tinygpt.pth`\.$"):
         utils.load_model(str(shipped))
 
 

@@ -240,9 +240,13 @@ def test_a_loss_curve_that_cannot_be_drawn_is_reported_and_the_run_still_ends_we
 
 
 def test_play_says_when_its_attention_picture_cannot_be_written(tmp_path):
-    result = run_script("play.py", "--prompt", "ROMEO:", "--attention", str(tmp_path / "missing" / "sub" / "a.png"))
+    (tmp_path / "file").write_text("a file, where the picture's folder should be")
+    result = run_script("play.py", "--prompt", "ROMEO:", "--attention", str(tmp_path / "file" / "sub" / "a.png"))
     assert result.returncode == 1
     assert "could not write" in one_sentence(result) and "a.png" in one_sentence(result)
+    new_folder = tmp_path / "out" / "a.png"  # a folder that does not exist yet is made, as for --out
+    assert run_script("play.py", "--prompt", "ROMEO:", "--attention", str(new_folder)).returncode == 0
+    assert new_folder.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = run_script("play.py", "--prompt", "ROMEO:", "--attention", str(tmp_path))
     assert result.returncode == 1 and "could not write" in one_sentence(result)
 

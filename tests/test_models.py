@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from config import make_config
-from models import (Bigram, TinyGPT, apply_rotary, build_model, causal_attention, rotary_tables,
-                    sample_next)
+from models import (Bigram, TinyGPT, apply_rotary, build_model, causal_attention, filter_logits,
+                    rotary_tables, sample_next)
 from utils import CharTokenizer, SmollError
 
 VOCAB = 65
@@ -132,6 +132,14 @@ def test_top_p_keeps_the_smallest_set_holding_p(top_p, allowed):
     logits = probs.log().expand(4000, 5)
     drawn = set(sample_next(logits, top_p=top_p).flatten().tolist())
     assert drawn == allowed
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, 1), (0.75, 2), (0.76, 3)])
+def test_top_p_at_a_boundary_keeps_the_smallest_set_that_reaches_p(top_p, kept):
+    """With probabilities 0.5, 0.25 and 0.25 the best id alone holds exactly 0.5: top_p 0.5 keeps
+    it alone, 0.75 is reached by two ids, and anything above needs all three."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    assert torch.isfinite(filter_logits(logits, top_p=top_p)).sum().item() == kept
 
 
 def test_generate_runs_past_block_size_with_dropout_off_and_restores_mode():

@@ -12,6 +12,7 @@ import torch
 
 import smoll.explorer.server as explorer_server
 import play
+import train
 from models import sample_next
 from smoll.sampling.decoder import Variant, prepare
 from utils import SHIPPED_WEIGHTS, load_model
@@ -29,6 +30,15 @@ def test_flags_refuse_numbers_that_are_not_finite(flag, said, value, capsys):
         play.main([f"{flag}={value}"])  # with "=": argparse takes a lone "-inf" for a flag
     assert stop.value.code == 2
     assert said.format(value=float(value)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize("flag", ["--time_budget", "--learning_rate", "--dropout", "--weight_decay"])
+def test_train_py_refuses_numbers_that_are_not_finite(flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main([f"{flag}={value}"])
+    assert stop.value.code == 2
+    assert f"{flag} must be a finite number, got {float(value)}." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", NOT_FINITE)

@@ -177,7 +177,7 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
             if note and "step_s" in note and os.path.exists(package_files(key)[0]):
                 log(f"{variant}: ready, {1e3 * note['step_s']:.2f} ms per step ({package_files(key)[0]})")
                 continue
-            log(f"{variant}: compiling (a minute or so on 2 cores)...")
+            log(f"{variant}: compiling (20 s to a minute and a half on 2 cores)...")
             note = build_package(model, variant, device, batch_size)
             if note is None:
                 log(f"{variant}: another process is building it now")
