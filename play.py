@@ -65,7 +65,7 @@ def build_parser():
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16", "int8"), default="auto",
                         help="weights' precision while sampling. auto (the default) times a few "
-                             "decoding steps of each path this device offers (CPU: float32, bfloat16, "
+                             "decoding steps of each precision this device offers (CPU: float32, bfloat16, "
                              "int8 weights; CUDA: float32 and its native half precision) and keeps "
                              "the fastest; the timings are cached for the next run. int8: weights "
                              "rounded to 8 bits per output row, bfloat16 activations (CPU). In "
@@ -75,14 +75,16 @@ def build_parser():
                         help="never compile the decoding step, nor build it in the background")
     parser.add_argument("--prepare", action="store_true",
                         help="compile the decoding step for this CPU, model and --num_samples now, "
-                             "about a minute per path on 2 cores, and say how fast each one samples. "
+                             "20 s to a minute and a half for each of its three variants on 2 cores, "
+                             "and say how fast each samples. "
                              "Later runs load it in milliseconds. Without this flag, play.py builds it "
                              "in a background process after its first run (SMOLL_BACKGROUND_BUILD=0: "
                              "never)")
     parser.add_argument("--interactive", action="store_true",
                         help="a prompt loop in the terminal; /help lists its commands")
     parser.add_argument("--verbose", action="store_true",
-                        help="say which sampling path was chosen and why, and print the speed at the end")
+                        help="say which way of sampling (precision, compiled or not) was chosen and why, "
+                             "and print the speed at the end")
     parser.add_argument("--no_cache", action="store_true",
                         help="decode without the KV cache: for every character, rerun the model "
                              "over all the text that can still reach it (slow; the reference the "
@@ -93,6 +95,9 @@ def build_parser():
     parser.add_argument("--port", type=int, default=8000, help="--web: the port (default: 8000; 0: any free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="--web: the address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--data", metavar="TEXT",
+                        help="--web: a UTF-8 text the explorer's Learn panel may train on, besides "
+                             "dataset/tinyshakespeare.txt")
     parser.add_argument("--compare", metavar="WEIGHTS",
                         help="--web: a second checkpoint of the same vocabulary for the Compare panel "
                              "(default: the shipped Bigram, when its vocabulary matches)")
@@ -130,6 +135,9 @@ def check_args(parser, args):
         parser.error("--attention draws what the model attends to in a text: give one with --prompt.")
     if args.web and (args.interactive or args.attention or args.num_samples > 1 or args.no_cache):
         parser.error("--web serves the explorer: drop --interactive, --attention, --num_samples and --no_cache.")
+    if args.data and not args.web:
+        parser.error("--data names a text the explorer's Learn panel may train on: add --web (to train from "
+                     "the command line: python train.py --data TEXT).")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, got {args.port}.")
     if args.prepare and (args.web or args.interactive or args.attention or args.no_cache or args.eager):
@@ -260,7 +268,9 @@ def play(args):
         prepare_packages(model, config, device, args.dtype, args.num_samples)
         return
     # The fastest way to write one character here: each variant (precision, compiled or not) timed
-    # on this machine once, the fastest kept. The reference decoder and the pictures time nothing.
+    # on this machine once, the fastest kept. model becomes a copy set up for it (in bfloat16, say),
+    # and decoder its one-character step. The reference decoder and the pictures time nothing.
+    # Timing draws no random numbers: the seed, set below, gives the same text either way.
     as_loaded = model  # the float32 weights: what a compiled step is built from
     model, decoder, variant, report = fastest_decoder(
         as_loaded, config, device, args.dtype, args.eager, args.length, args.num_samples,
@@ -279,7 +289,7 @@ def play(args):
         start_background_build(as_loaded, device, weights, args.dtype, args.num_samples)
     if args.web:
         from smoll.explorer.server import serve
-        serve(args, model, decoder, tokenizer, config, device)
+        serve(args, model, decoder, tokenizer, config, device, weights)
         return
     if args.seed is not None:
         torch.manual_seed(args.seed)

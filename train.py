@@ -19,15 +19,21 @@ the shipped models/ are only written when --out names them):
     NAME.csv       the loss history, one row per evaluation
     NAME.png       the loss curve (if matplotlib is installed)
 
-Read from the top. train() is the whole run. setup_run builds the data (text -> vocabulary -> ids ->
-train/val), the model and its optimizers (make_optimizers). Then one loop takes optimizer steps
-(lr_scale, train_step), and every eval_interval steps estimates the loss and saves the best
-checkpoint (evaluate_and_keep_best). finish_run scores the best checkpoint on the whole validation
-split, draws the loss curve and prints a sample. The functions follow in that order; after them
-come the training state that --resume picks up, and the command line. Whatever serves speed or
-safety is one call into smoll/, a package you need not open: setup_machine and stop_requested (the
-device, torchrun, Ctrl-C), warm_up (the faster attention, torch.compile, the time estimate),
-check_writable and the atomic writes behind utils.save_checkpoint.
+Read from train() below (main(), at the bottom, only parses the command line). train() is the
+whole run. setup_run builds the data (text -> vocabulary -> ids -> train/val), the model and its
+optimizers (make_optimizers), and holds them in a Run. Then one loop takes optimizer steps
+(lr_scale, train_step), and every eval_interval steps estimates the loss, writes a short sample and
+saves the best checkpoint (evaluate_and_keep_best, write_sample, check_loss). finish_run scores the
+best checkpoint on the whole validation split, draws the loss curve and prints a longer sample. The
+functions follow in that order; after them come the training state that --resume picks up, and the
+command line.
+
+What serves speed or safety is a call into smoll/, a package you need not open: setup_machine (the
+device, its precision, torchrun), warm_up (the faster attention, torch.compile, the time
+estimate), ctrl_c_stops and stop_requested (Ctrl-C, and torchrun's processes stopping together),
+rng_states (every random state, for --resume), check_writable and replaced_atomically (files
+written whole; utils.save_checkpoint uses the same), plot_history (the loss curve), and for
+--teacher the three functions of smoll/ensemble.py.
 """
 
 import argparse
@@ -65,14 +71,15 @@ HYPERPARAMETERS = {f.name for f in fields(Config)} - {"model", "device", "dtype"
 
 
 def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resume=False,
-          full_eval=False, teachers=None):
+          full_eval=False, teachers=None, eval_sample=80):
     """Train config.model on the text at data_path, saving as the module docstring says.
 
     With resume, continue the run whose state is in NAME.last.pth; config then only supplies the
     device and dtype, the rest comes from the saved run (its teachers too). The final score covers
     the whole validation split up to FULL_EVAL_CHARS characters, an even sample past that, or all
     of it with full_eval. teachers, a list of checkpoint paths, distils their averaged predictions
-    into the model (smoll/ensemble.py). Returns a dict of the run's figures.
+    into the model (smoll/ensemble.py). Every evaluation also writes eval_sample characters (0:
+    none), and the run ends with sample_chars more. Returns a dict of the run's figures.
     """
     out_path = out_path or DEFAULT_OUT[config.model]
     check_writable(out_path)  # a run that cannot save should stop now, not at its first checkpoint
@@ -84,7 +91,8 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
     try:
         run = setup_run(config, machine, data_path, out_path, saved, teachers)
         # Before the first step: which attention is faster here, torch.compile where it pays, DDP
-        # under torchrun, and how long the run will take. Returns the model that the step runs.
+        # under torchrun, and how long the run will take. step_model is what the step runs:
+        # run.model itself, or run.model compiled or under DDP (the same parameters).
         step_model = warm_up(run)
         run.loop_start = (time.perf_counter(), run.step)  # for tokens/s: the warm-up does not count
 
@@ -107,8 +115,8 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
                 if due and not (run.history and run.history[-1]["step"] == run.step):  # a resumed step is done
                     # Alone, a Ctrl-C stops an evaluation; under torchrun, the ranks stop together below.
                     stops_evaluation = stop if machine.world_size == 1 else None
-                    if machine.rank == 0 and not evaluate_and_keep_best(run, bar, stops_evaluation):
-                        interrupted = True
+                    evaluated = machine.rank != 0 or evaluate_and_keep_best(run, bar, stops_evaluation, eval_sample)
+                    interrupted = not evaluated
                     save_state(run, finished=last_step and not interrupted)
                 if last_step or interrupted:
                     break
@@ -309,9 +317,11 @@ def train_step(run, step_model, scale):
 # Evaluating, saving and finishing
 
 
-def evaluate_and_keep_best(run, bar, stop):
-    """Estimate the loss on a few chunks of each split, the same ones every time (utils.eval_loss),
-    save the best checkpoint and the history. Rank 0 only. Returns False when a Ctrl-C stopped it."""
+def evaluate_and_keep_best(run, bar, stop, eval_sample=0):
+    """Estimate the loss on eval_iters batches of chunks of each split, spread evenly over it and the
+    same every time (utils.eval_loss; a split smaller than that is scored whole), and write
+    eval_sample characters (write_sample). Save the best checkpoint and the history. Rank 0 only.
+    Returns False when a Ctrl-C stopped the evaluation."""
     config, machine = run.config, run.machine
     started, losses = time.perf_counter(), {}
     for split, data in (("train", run.train_data), ("val", run.val_data)):
@@ -321,11 +331,13 @@ def evaluate_and_keep_best(run, bar, stop):
             return False
         losses[split] = scored[0]
         check_loss(losses[split], run, training=False)
-    run.eval_seconds = time.perf_counter() - started
+    sample = write_sample(run, eval_sample) if eval_sample else None
+    run.eval_seconds = time.perf_counter() - started  # the sample included: a timed run keeps time for it
     lr = config.learning_rate * lr_scale(min(run.step, config.max_iters - 1), config, run.record["train_time_s"])
     run.history.append({"step": run.step, "train_loss": round(losses["train"], 5),
                         "val_loss": round(losses["val"], 5), "lr": lr, "tokens_per_s": round(run.tokens_per_s()),
-                        "time_s": round(run.record["train_time_s"], 2)})
+                        "time_s": round(run.record["train_time_s"], 2)}
+                       | ({"sample": sample} if sample is not None else {}))
     mark = ""
     if losses["val"] < run.best["val"]:
         if len(run.history) == 1 and os.path.exists(run.out_path):  # a new run: keep what it overwrites
@@ -338,11 +350,27 @@ def evaluate_and_keep_best(run, bar, stop):
                         history=run.history, run=run.record)
         mark = " (saved)"
     with replaced_atomically(os.path.splitext(run.out_path)[0] + ".csv", ".csv", "w") as f:
-        writer = csv.DictWriter(f, fieldnames=list(run.history[0]), lineterminator="\n")
+        columns = list(dict.fromkeys(key for row in run.history for key in row))  # a resumed run's may differ
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows(run.history)
     bar.write(f"step {run.step:5d} | train {losses['train']:.4f} | val {losses['val']:.4f}{mark}")
+    if sample is not None:
+        bar.write("  " + sample.replace("\n", "⏎"))
     return True
+
+
+def write_sample(run, length):
+    """length characters after the text's first line (at most its first 32 characters), drawn with a
+    fixed seed: the same prompt and the same draws at every evaluation, so that one sample after
+    another shows what the model has learned. Neither training's random state nor its mode changes."""
+    ids = [int(i) for i in run.train_data[:32]]
+    newline = run.tokenizer.stoi.get("\n")
+    prompt = ids[:ids.index(newline) + 1] if newline in ids else ids
+    device = run.machine.device
+    generator = torch.Generator("cpu" if device.type == "mps" else device).manual_seed(run.config.seed)
+    new_ids = run.model.stream(torch.tensor([prompt], device=device), length, generator=generator)
+    return run.tokenizer.decode(prompt + [int(i) for i in torch.cat(list(new_ids), dim=1)[0]])
 
 
 def check_loss(value, run, training=True):
@@ -502,6 +530,9 @@ def build_parser():
     parser.add_argument("--ensemble", action="store_true",
                         help="with --eval_only and several --weights: also score them as one model "
                              "that averages their next-character probabilities")
+    parser.add_argument("--eval_sample", type=int, default=80, metavar="CHARS",
+                        help="characters written at each evaluation, after the text's first line, with a "
+                             "fixed seed: the samples show the model learning (default: 80; 0: none)")
     parser.add_argument("--teacher", nargs="+", metavar="WEIGHTS",
                         help="checkpoint(s) to distil: the model also learns the mean of their "
                              "predictions (see --distill_weight and --distill_temperature)")
@@ -521,6 +552,8 @@ def main(argv=None):
             eval_only(args.weights or [SHIPPED_WEIGHTS[args.model]], args.data, args.device or "auto",
                       args.full_eval, args.ensemble)
             return
+        if args.eval_sample < 0:
+            parser.error(f"--eval_sample must be 0 (none) or more characters, got {args.eval_sample}.")
         if args.teacher and args.resume:
             parser.error("--resume learns from the saved run's own teachers: drop --teacher.")
         if args.resume:
@@ -533,7 +566,7 @@ def main(argv=None):
         except ValueError as e:
             parser.error(str(e))
         result = train(config, args.data, args.out, resume=args.resume, full_eval=args.full_eval,
-                       teachers=args.teacher)
+                       teachers=args.teacher, eval_sample=args.eval_sample)
         if result.get("interrupted") is not None:
             sys.exit(130)  # the shell's code for "stopped by Ctrl-C"
     except SmollError as e:

@@ -8,7 +8,7 @@ hold the ideas; each module here holds one concern and says so in its docstring.
                       (utils.load_text_ids calls it past 16 MiB)
     devices.py        the device (cuda, mps, cpu), its fastest precision, the CPU's name and extensions
     distributed.py    the machine a run trains on, torchrun, Ctrl-C and every process's random state
-                      (train.py: setup_machine, stop_requested, rng_states)
+                      (train.py: setup_machine, ctrl_c_stops, stop_requested, rng_states)
     speed.py          the warm-up before training: the faster attention, torch.compile, the estimate
                       (train.py: warm_up)
     ensemble.py       several models as one, and distillation from them (train.py --teacher)
@@ -18,7 +18,9 @@ hold the ideas; each module here holds one concern and says so in its docstring.
         decoder.py    the decoding step in few calls, with fast bfloat16 and int8 weights
         packages.py   the step compiled ahead of time for a CPU, kept on disk
         choose.py     which variant of the step samples fastest here, timed and kept
-    explorer/         play.py --web: a local web page and the standard-library server behind it
+    explorer/         play.py --web: a local web page (index.html) and the standard-library server behind
+                      it (server.py); the Learn panel's training runs (learn.py); each layer's guess and
+                      the characters' map (views.py)
     bench.py          `python -m smoll.bench`: training and sampling speed here, beside nanoGPT's way
 
 Imports point one way: the learner's scripts (train.py, play.py) use this package, and this

@@ -31,7 +31,7 @@ from smoll.files import SmollError
 class Machine:
     """Where a run trains: its device and precision, and which of torchrun's processes this is."""
     device: torch.device
-    dtype: torch.dtype  # the precision of the forward pass (autocast): float32, bfloat16 or float16
+    dtype: torch.dtype  # the forward pass's precision (autocast): what config.dtype ("auto", ...) means here
     rank: int  # this process's number under torchrun (0 alone): rank 0 saves and reports
     world_size: int  # how many processes train together (1 alone)
     name: str  # the device in words, for the log and the checkpoints: "AMD EPYC CPU, 2 threads"
@@ -83,14 +83,17 @@ def ctrl_c_stops():
 
     # Signals can only be caught on the main thread. A process started with SIGINT ignored
     # (a background job, nohup) keeps ignoring it.
+    # On Windows, a process of its own group (the explorer's Learn panel starts one) gets Ctrl-Break
+    # instead: it is handled the same way.
     catch = (threading.current_thread() is threading.main_thread()
              and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
-    previous = signal.signal(signal.SIGINT, handle) if catch else None
+    signals = [signal.SIGINT] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+    previous = {s: signal.signal(s, handle) for s in signals} if catch else {}
     try:
         yield stop
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def stop_requested(stop, step, machine):

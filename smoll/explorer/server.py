@@ -6,6 +6,11 @@ and a small JSON API to it, with the standard library's HTTP server.
     POST /api/next       the next character's probabilities, before and after the sampling settings
     POST /api/attention  the attention weights of one layer and head over a text
     POST /api/generate   a generation, streamed as server-sent events, one character each
+    POST /api/lens       the next character as each layer would guess it (views.logit_lens)
+    GET  /api/map        the characters' embeddings in two dimensions (views.character_map)
+    POST /api/learn      start a training run of train.py (learn.py); GET /api/learn: how it goes
+    POST /api/learn/stop stop it as Ctrl-C does
+    POST /api/model      explore the model just trained, or the one the server started with
 
 One model serves every browser: a lock lets one forward pass run at a time, and a generation
 takes it for one character at a time, so other requests are answered while it streams.
@@ -27,14 +32,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from models import TinyGPT, filter_logits
+from smoll.explorer.learn import LearnError, Learner
+from smoll.explorer.views import character_map, logit_lens
 from smoll.files import SmollError
-from utils import SHIPPED_WEIGHTS, load_model
+from smoll.sampling import fastest_decoder
+from utils import DEFAULT_DATA, ROOT, SHIPPED_WEIGHTS, load_model
 
 EXPLORER_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "index.html")
 MAX_BODY = 64 * 1024  # bytes: a request body over this is refused
 MAX_LENGTH = 20_000  # characters one /api/generate may ask for
 MAX_TEXT = 20_000  # characters of text /api/next and /api/attention read
 CANDIDATES = 20  # next characters listed, likeliest first
+LENS_TOP = 5  # characters listed for each layer in /api/lens
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # names only this machine can send a request to
 ALL_INTERFACES = ("", "0.0.0.0", "::")  # --host values that listen on every network interface
 
@@ -86,10 +95,13 @@ def get_field(body, name, kind, default=None, low=None, high=None, optional=Fals
 class Explorer:
     """The model-facing half of the server: each method takes a request's JSON and answers JSON."""
 
-    def __init__(self, model, decoder, tokenizer, config, device, compare=None):
+    def __init__(self, model, decoder, tokenizer, config, device, compare=None, learner=None, name="the model"):
         self.model, self.decoder, self.tokenizer, self.config, self.device = model, decoder, tokenizer, config, device
         self.compare = compare  # (name, model) of a second model with the same vocabulary, or None
         self.lock = threading.Lock()
+        self.learner = learner or Learner({"shakespeare": DEFAULT_DATA})  # the Learn panel's run
+        self.name = name  # what the page calls the model it shows
+        self.original = (model, decoder, tokenizer, config, compare, name)  # to come back to after a trained one
 
     def ids(self, text, name):
         """text as ids (1, T), or a RequestError that names the characters outside the vocabulary."""
@@ -97,9 +109,9 @@ class Explorer:
         if self.tokenizer.unknown is None:
             missing = sorted(set(text) - set(known))
             if missing:
-                raise RequestError(400, f"'{name}' has characters this model never saw: "
-                                        f"{' '.join(json.dumps(c, ensure_ascii=False) for c in missing[:20])}. Remove them, or train "
-                                        f"on a text that has them.")
+                shown = " ".join(json.dumps(c, ensure_ascii=False) for c in missing[:20])
+                raise RequestError(400, f"'{name}' has characters this model never saw: {shown}. Remove them, "
+                                        f"or train on a text that has them.")
         ids = self.tokenizer.encode(text or ("\n" if "\n" in known else self.tokenizer.chars[0]), what=name)
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
@@ -112,10 +124,12 @@ class Explorer:
         return temperature, top_k, top_p
 
     def info(self, _body=None):
-        return {"model": self.config.model, "vocab": self.tokenizer.chars, "block_size": self.config.block_size,
+        return {"model": self.config.model, "name": self.name, "vocab": self.tokenizer.chars,
+                "block_size": self.config.block_size,
                 "n_layer": getattr(self.config, "n_layer", 0) if self.config.model == "tinygpt" else 0,
                 "n_head": self.config.n_head if self.config.model == "tinygpt" else 0,
-                "compare": self.compare[0] if self.compare else None, "max_length": MAX_LENGTH}
+                "compare": self.compare[0] if self.compare else None, "max_length": MAX_LENGTH,
+                "trained": self.name != self.original[5], "original": self.original[5]}
 
     def next(self, body):
         text = get_field(body, "text", str, "")[-MAX_TEXT:]
@@ -147,6 +161,64 @@ class Explorer:
         return {"chars": [self.tokenizer.chars[i] for i in ids[0].tolist()],
                 "map": [[round(v, 4) for v in row] for row in maps[layer, head].tolist()],
                 "last": [[[round(v, 4) for v in h] for h in layer_rows] for layer_rows in maps[:, :, -1].tolist()]}
+
+    def lens(self, body):
+        """For the text's last character: each layer's guess at the next one, likeliest first."""
+        text = get_field(body, "text", str, "")[-self.config.block_size:]
+        ids = self.ids(text, "text")
+        with self.lock:
+            probs = logit_lens(self.model, ids)  # (n_layer, V)
+        top = probs.topk(min(LENS_TOP, probs.size(1)), dim=-1)
+        return {"layers": [[{"char": self.tokenizer.chars[i], "prob": round(p, 4)} for p, i in zip(ps, ix)]
+                           for ps, ix in zip(top.values.tolist(), top.indices.tolist())]}
+
+    def characters(self, _body=None):
+        with self.lock:
+            points, explained = character_map(self.model, self.tokenizer)
+        return {"points": points, "explained": [round(e, 4) for e in explained],
+                "what": "embedding" if isinstance(self.model, TinyGPT) else "table row"}
+
+    def learn(self, body):
+        try:
+            return self.learner.start(get_field(body, "model", str, "tinygpt"), body.get("seconds", 30),
+                                      get_field(body, "text", str, "shakespeare"))
+        except LearnError as e:
+            raise RequestError(e.status, str(e)) from None
+
+    def learn_status(self, _body=None):
+        return self.learner.status()
+
+    def learn_stop(self, _body=None):
+        try:
+            return self.learner.stop()
+        except LearnError as e:
+            raise RequestError(e.status, str(e)) from None
+
+    def use(self, body):
+        """Explore the model the Learn panel trained ("trained"), or the one the server started with
+        ("original"); the other panels switch to it, and Compare shows the original beside it."""
+        which = get_field(body, "which", str, "")
+        if which == "original":
+            chosen = self.original
+        elif which == "trained":
+            run = self.learner.status()
+            if run["state"] in ("training", "stopping"):
+                raise RequestError(409, "the run is still training: wait for it to end, or stop it.")
+            if not run.get("saved"):
+                raise RequestError(409, "no model has been trained here yet: train one in the Learn panel.")
+            try:
+                model, tokenizer, config = load_model(os.path.join(ROOT, run["out"]), self.device)
+            except SmollError as e:
+                raise RequestError(500, str(e)) from None
+            model, decoder, _, _ = fastest_decoder(model, config, self.device, timed=False)  # float32, no timing
+            first = self.original
+            compare = (first[5], first[0]) if first[2].chars == tokenizer.chars else None
+            chosen = (model, decoder, tokenizer, config, compare, run["out"])
+        else:
+            raise RequestError(400, f"'which' must be \"trained\" or \"original\", got {json.dumps(which)[:40]}.")
+        with self.lock:
+            self.model, self.decoder, self.tokenizer, self.config, self.compare, self.name = chosen
+        return self.info()
 
     def generation(self, body):
         """Check a /api/generate request and return its stream of characters (a generator)."""
@@ -209,8 +281,9 @@ class ExplorerHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if reason := self.refused():
             return self.send_json(403, {"error": reason})
-        if self.path == "/api/info":
-            return self.send_json(200, self.explorer.info())
+        gets = {"/api/info": "info", "/api/map": "characters", "/api/learn": "learn_status"}
+        if self.path in gets:
+            return self.send_json(200, getattr(self.explorer, gets[self.path])())
         if self.path == "/favicon.ico":  # the page has no icon: tell browsers so, once a day, without an error
             self.send_response(204)
             self.send_header("Cache-Control", "max-age=86400")
@@ -222,7 +295,7 @@ class ExplorerHandler(BaseHTTPRequestHandler):
                 page = f.read()
         except OSError as e:
             return self.send_json(500, {"error": f"cannot read {EXPLORER_PAGE} ({e.strerror}): restore it "
-                                                 f"with `git checkout -- explorer/`."})
+                                                 f"with `git checkout -- smoll/explorer/`."})
         self.send_response(200)
         self.send_header("Content-Type", "text/html; charset=utf-8")
         self.send_header("Content-Length", str(len(page)))
@@ -235,10 +308,11 @@ class ExplorerHandler(BaseHTTPRequestHandler):
         if reason := self.refused():
             return self.send_json(403, {"error": reason})
         routes = {"/api/next": self.explorer.next, "/api/attention": self.explorer.attention,
+                  "/api/lens": self.explorer.lens, "/api/learn": self.explorer.learn,
+                  "/api/learn/stop": self.explorer.learn_stop, "/api/model": self.explorer.use,
                   "/api/generate": None}
         if self.path not in routes:
-            return self.send_json(404, {"error": f"no API at {self.path[:80]}: use /api/next, /api/attention "
-                                                 f"or /api/generate."})
+            return self.send_json(404, {"error": f"no API at {self.path[:80]}: use {', '.join(routes)}."})
         try:
             body = self.read_json()
             if self.path != "/api/generate":
@@ -391,11 +465,18 @@ def compare_model(args, model, tokenizer, device):
     return None
 
 
-def serve(args, model, decoder, tokenizer, config, device):
+def serve(args, model, decoder, tokenizer, config, device, weights=None):
     if not os.path.isfile(EXPLORER_PAGE):
         raise SmollError(f"the explorer's page {EXPLORER_PAGE} is missing: restore it with "
                          f"`git checkout -- smoll/explorer/`.")
-    explorer = Explorer(model, decoder, tokenizer, config, device, compare_model(args, model, tokenizer, device))
+    texts = {"shakespeare": DEFAULT_DATA}  # what the Learn panel may train on: keys, never paths from the page
+    if args.data:
+        if not os.path.isfile(args.data):
+            raise SmollError(f"text file '{args.data}' does not exist: pass an existing file with --data.")
+        texts["yours"] = os.path.abspath(args.data)
+    learner = Learner(texts)
+    explorer = Explorer(model, decoder, tokenizer, config, device, compare_model(args, model, tokenizer, device),
+                        learner, os.path.relpath(weights, ROOT) if weights else config.model)
     try:
         server = make_server(explorer, args.host, args.port)
     except socket.gaierror as e:
@@ -420,4 +501,5 @@ def serve(args, model, decoder, tokenizer, config, device):
         server.serve_forever()
     finally:
         server.server_close()
+        learner.close()  # a run still training is stopped as Ctrl-C would, and saved
 
