@@ -31,6 +31,26 @@ def load_tokens(path, min_count=1):
     return ids, CharTokenizer(chars, UNKNOWN if min_count > 1 else None)
 
 
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by selenium, for the explorer's page (skipped without them)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-background-networking", "--window-size=1280,900"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
 def listen_to_ctrl_c():
     """For subprocesses that a test stops with SIGINT: a shell's background job (`cmd &`, nohup)
     starts its children with SIGINT ignored, and train.py then rightly keeps ignoring it."""

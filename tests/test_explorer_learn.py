@@ -24,8 +24,8 @@ from smoll.explorer import learn
 from smoll.explorer.learn import Learner
 from smoll.explorer.views import character_kind, character_map, logit_lens
 from smoll.sampling.decoder import Variant, prepare
-from test_explorer_page import CHROMEDRIVER, CHROMIUM, Server, wait_for
-from utils import SHIPPED_WEIGHTS, CharTokenizer, load_model
+from test_explorer_page import Server, wait_for
+from utils import SHIPPED_WEIGHTS, load_model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,22 +182,6 @@ def test_a_connection_closed_mid_request_leaves_the_server_serving(api):
 
 # ----------------------------------------------------------------------------------------------
 # The page, in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-background-networking", "--window-size=1280,2400"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
 
 
 def drawn(driver, svg):
