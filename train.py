@@ -128,9 +128,10 @@ def train(config, data_path=DEFAULT_DATA, out_path=None, sample_chars=300, resum
                 loss = train_step(run, step_model, scale)
                 run.step += 1
                 bar.update(int(min(run.elapsed(), budget)) - bar.n if budget else 1)  # whole seconds
-                if run.step % 10 == 0 or run.step == config.max_iters:  # .item() waits for the GPU
-                    check_loss(loss.item(), run)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{config.learning_rate * scale:.2e}",
+                if run.step % 10 == 0 or run.step == config.max_iters:  # .item() waits for the GPU: not every step
+                    loss_value = loss.item()
+                    check_loss(loss_value, run)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{config.learning_rate * scale:.2e}",
                                     tok_s=f"{run.tokens_per_s():,.0f}")
         bar.close()
         result = finish_run(run, interrupted, sample_chars, full_eval)
