@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from config import config_from_dict
 from models import build_model
-from smoll.data import load_token_file
 from smoll.files import SmollError, atomic_save, reading
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +104,7 @@ def load_text_ids(path, min_count=1, flag="--data"):
     and the same ids, in memory that does not grow with the text.
     """
     if os.path.isfile(path) and os.path.getsize(path) > BIG_TEXT_BYTES:
+        from smoll.data import load_token_file  # imported when needed: most texts are read whole
         ids, chars = load_token_file(path, flag, min_count, UNKNOWN)
         return ids, CharTokenizer(chars, UNKNOWN if min_count > 1 else None)
     text = read_text(path, flag)

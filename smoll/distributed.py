@@ -72,23 +72,23 @@ def wrap_ddp(model):
 def ctrl_c_stops():
     """Turns the first Ctrl-C into a request to stop at the next step boundary (or in the middle
     of an evaluation): the flag it yields gets .requested = True, so the saved state is never half
-    an optimizer step. A second Ctrl-C stops at once."""
+    an optimizer step. A second Ctrl-C stops at once. SIGTERM (`kill`, a job scheduler, the
+    explorer's Stop) and, on Windows, Ctrl-Break ask the same."""
     stop = SimpleNamespace(requested=False)
 
     def handle(signum, frame):
         if stop.requested:
             raise KeyboardInterrupt
         stop.requested = True
-        print("\nCtrl-C: stopping and saving (press again to quit at once)", file=sys.stderr, flush=True)
+        said = "Ctrl-C" if signum == signal.SIGINT else "asked to stop"
+        print(f"\n{said}: stopping and saving (Ctrl-C to quit at once)", file=sys.stderr, flush=True)
 
-    # Signals can only be caught on the main thread. A process started with SIGINT ignored
-    # (a background job, nohup) keeps ignoring it.
-    # On Windows, a process of its own group (the explorer's Learn panel starts one) gets Ctrl-Break
-    # instead: it is handled the same way.
-    catch = (threading.current_thread() is threading.main_thread()
-             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
-    signals = [signal.SIGINT] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
-    previous = {s: signal.signal(s, handle) for s in signals} if catch else {}
+    # Signals can only be caught on the main thread. A process started with one of them ignored
+    # (SIGINT in a background job, under nohup) keeps ignoring it.
+    signals = [signal.SIGINT] + [getattr(signal, name) for name in ("SIGTERM", "SIGBREAK") if hasattr(signal, name)]
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, handle) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield stop
     finally:

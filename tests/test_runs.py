@@ -83,7 +83,9 @@ def test_resume_needs_a_saved_run_and_keeps_its_hyperparameters(tmp_path, tiny_t
     assert timed.read_bytes() == before
 
 
-def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tiny_text):
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tiny_text, sent):
+    """Ctrl-C, and SIGTERM (kill, a job scheduler, the explorer's Stop), stop a run the same way."""
     out = tmp_path / "run.pth"
     flags = [f for f in TINY_FLAGS] + ["--max_iters", "100000", "--eval_interval", "20"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", tiny_text,
@@ -94,7 +96,7 @@ def test_ctrl_c_saves_a_playable_checkpoint_and_says_how_to_resume(tmp_path, tin
     for line in proc.stdout:  # wait until the run has saved twice, then press Ctrl-C
         if "step    20" in line or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr

@@ -26,6 +26,9 @@ from utils import DEFAULT_OUT, ROOT
 
 MIN_SECONDS, MAX_SECONDS = 10, 600  # TinyGPT's time budget, as the page offers it
 OUT_FOLDER = os.path.dirname(DEFAULT_OUT["tinygpt"])  # where train.py writes: out/
+# What Stop sends the run, which train.py takes as it takes Ctrl-C (smoll.distributed.ctrl_c_stops).
+# Not SIGINT itself: a server started in the background (`&`, nohup) passes SIGINT on ignored.
+STOP_SIGNAL = signal.SIGTERM if os.name == "posix" else signal.CTRL_BREAK_EVENT
 
 
 class LearnError(Exception):
@@ -89,7 +92,7 @@ class Learner:
                 raise LearnError(409, "no run is training: there is nothing to stop.")
             if not self.run["stopping"]:
                 self.run["stopping"] = True
-                self.process.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_BREAK_EVENT)
+                self.process.send_signal(STOP_SIGNAL)
             return self.status_locked()
 
     def status(self):
@@ -105,7 +108,7 @@ class Learner:
             print(f"stopping the Learn panel's run, which saves to {self.run['out']}", file=sys.stderr, flush=True)
             if not self.run["stopping"]:
                 self.run["stopping"] = True
-                self.process.send_signal(signal.SIGINT if os.name == "posix" else signal.CTRL_BREAK_EVENT)
+                self.process.send_signal(STOP_SIGNAL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(wait_s)
 
