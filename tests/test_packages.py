@@ -221,7 +221,7 @@ def test_a_long_run_builds_its_package_in_the_run_and_uses_it(cache_dir, monkeyp
     patch(monkeypatch, "have_compiler", lambda device: True)
     built_variants = []
 
-    def fake_build(model, variant, device, batch_size, folder=None):  # stands in for a minute of compiling
+    def fake_build(model, variant, device, batch_size, **options):  # stands in for a minute of compiling
         built_variants.append(variant)
         key = package_key(model, variant, device, batch_size)
         note = {"key": key, "sha256": "x", "build_s": 30.0, "load_s": 0.02, "step_s": 1e-3}
@@ -268,6 +268,68 @@ def test_a_first_run_starts_the_build_in_the_background_after_its_text(cache_dir
     monkeypatch.setenv("SMOLL_BACKGROUND_BUILD", "0")
     play.main(["--length", "20", "--seed", "0", "--device", "cpu"])  # switched off
     assert started == []
+
+
+def test_waiting_for_the_cpu(monkeypatch):
+    """wait_for_cpu: an eager step more than BUSY_FACTOR slower than the foreground timed it means
+    another process holds the CPU; it sleeps and looks again, until the deadline."""
+    steps, sleeps, lines = [], [], []
+
+    def run(timings, eager_s=1e-3, patience_s=60.0):
+        steps[:] = timings
+        sleeps.clear(), lines.clear()
+        patch(monkeypatch, "time_steps", lambda *a: steps.pop(0))
+        monkeypatch.setattr(packaging.time, "sleep", sleeps.append)
+        deadline = packaging.time.monotonic() + patience_s
+        return packaging.wait_for_cpu(None, None, 1, CPU, eager_s, deadline, lines.append)
+
+    assert run([1.2e-3]) and sleeps == [] and lines == []  # quiet: no wait
+    assert not run([9e-3, 4e-3, 1.4e-3]) and len(sleeps) == 2 and len(lines) == 1  # busy twice, then quiet
+    assert "another process is using the CPU" in lines[0] and steps == []
+    assert run([9e-3], patience_s=0.0) and sleeps == []  # past the deadline: times as it can
+    assert run([], eager_s=None)  # nothing to compare with: nothing timed, no wait
+
+
+def test_a_build_compiles_and_times_while_no_other_process_holds_the_cpu(built, tmp_path, monkeypatch):
+    """build_package waits for a quiet CPU before compiling (max_autotune times kernels), and times
+    the package again where the machine got busy while it timed it."""
+    model, _ = tiny()
+    compiled = package_files(package_key(model, F32_COMPILED, CPU, 1), built[0])[0]
+    events = []
+    import torch._inductor
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package",  # the package built once, copied
+                        lambda exported, package_path, **k: events.append("compiled") or shutil.copy(compiled,
+                                                                                                     package_path))
+    eager = [9e-3, 1e-3,  # busy, then quiet: compiles
+             5e-3, 1e-3,  # busy while the package was timed: waits
+             1e-3]  # timed again, quiet throughout
+    package = [0.3, 2e-4]  # its first timing was the other process's
+
+    def time_steps(model, decoder, batch_size, device):
+        events.append("package" if isinstance(decoder, PackagedDecoder) else "eager")
+        return (package if isinstance(decoder, PackagedDecoder) else eager).pop(0)
+
+    patch(monkeypatch, "time_steps", time_steps)
+    monkeypatch.setattr(packaging.time, "sleep", lambda s: events.append("sleep"))
+    note = build_package(model, F32_COMPILED, CPU, 1, folder=str(tmp_path), eager_s=1e-3, patience_s=600)
+    assert events == ["eager", "sleep", "eager", "compiled", "package", "eager", "sleep", "eager", "package", "eager"]
+    assert note["step_s"] == 2e-4 and read_note(package_key(model, F32_COMPILED, CPU, 1), str(tmp_path)) == note
+
+
+def test_prepare_compares_with_the_eager_steps_the_foreground_timed(cache_dir, monkeypatch):
+    model, config = tiny()
+    eager_timings(monkeypatch)
+    patch(monkeypatch, "have_compiler", lambda device: True)
+    asked = []
+    patch(monkeypatch, "build_package", lambda *a, **k: asked.append(k) or None)
+    fastest_decoder(model, config, CPU, eager=True)  # play.py's run in the foreground: timed and kept
+    prepare_packages(model, config, CPU, dtype_flag="float32", log=lambda line: None)
+    lock = cache_dir / "background.lock"
+    lock.write_text("")
+    monkeypatch.setenv("SMOLL_BACKGROUND_LOCK", str(lock))
+    prepare_packages(model, config, CPU, dtype_flag="float32", log=lambda line: None)
+    assert [(k["eager_s"], k["patience_s"]) for k in asked] == [(SLOW_EAGER[F32], 300.0), (SLOW_EAGER[F32], 1800.0)]
+    assert not lock.exists()  # the next background build may start
 
 
 def test_one_build_at_a_time(tmp_path, monkeypatch):

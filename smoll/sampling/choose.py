@@ -26,6 +26,7 @@ from smoll.sampling.decoder import Variant, candidates, have_compiler, prepare, 
 from smoll.sampling.packages import (PackageError, build_package, load_package, package_files, package_key,
                                      read_note, remove_package)
 
+PREPARE_PATIENCE_S = {"background": 1800.0, "foreground": 300.0}  # the longest --prepare waits for a busy CPU
 COMPILE_GUESS_S = 20.0  # what compiling a step is assumed to cost before it has been measured here
 PACKAGE_BUILD_GUESS_S = 90.0  # the same for a CPU's package (max_autotune): 70 s on a 2-core AVX2-only CPU
 
@@ -42,12 +43,7 @@ def fastest_decoder(model, config, device, dtype_flag="auto", eager=False, n_cha
                                                      else "as --dtype asks")
         return (*prepare(model, variant, device), str(variant), f"{variant} ({why})")
     log = log or (lambda line: None)
-    # What a timing depends on: the processor, PyTorch, the model's shape and the batch.
-    shape = {k: getattr(config, k) for k in ("model", "n_layer", "n_head", "n_embd", "block_size", "activation",
-                                             "qk_norm", "logit_cap")}
-    key = (f"{machine_fingerprint(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
-           f"| vocab {model.lm_head.out_features} | batch {batch_size}")
-    store = cache_path("sampling_paths.json")
+    key, store = timings_key(model, config, device, batch_size), cache_path("sampling_paths.json")
     timings_kept = read_json(store)
     known = timings_kept.get(key, {})
     kept_before = json.dumps(known, sort_keys=True)
@@ -79,6 +75,14 @@ def fastest_decoder(model, config, device, dtype_flag="auto", eager=False, n_cha
         ready[best] = prepare_variant(model, best, device, batch_size)
     figures = ", ".join(f"{v} {1e3 * s:.2f} ms" for v, s in sorted(timings.items(), key=lambda kv: kv[1]))
     return (*ready[best], str(best), f"{best} ({source}{load_report}, ms per step: {figures})")
+
+
+def timings_key(model, config, device, batch_size):
+    """What a step's timing depends on: the processor, PyTorch, the model's shape and the batch."""
+    shape = {k: getattr(config, k) for k in ("model", "n_layer", "n_head", "n_embd", "block_size", "activation",
+                                             "qk_norm", "logit_cap")}
+    return (f"{machine_fingerprint(device)} | torch {torch.__version__} | {json.dumps(shape, sort_keys=True)} "
+            f"| vocab {model.lm_head.out_features} | batch {batch_size}")
 
 
 def choose(step_seconds, n_steps, compile_seconds=None):
@@ -171,6 +175,9 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
     try:
         *_, report = fastest_decoder(model, config, device, dtype_flag, eager=True, batch_size=batch_size)
         log(f"eager: {report}")
+        timed = read_json(cache_path("sampling_paths.json")).get(timings_key(model, config, device, batch_size), {})
+        eager_steps = timed.get("steps", {})  # what the eager steps take in the foreground, as just read or timed
+        patience_s = PREPARE_PATIENCE_S["background" if os.environ.get("SMOLL_BACKGROUND_LOCK") else "foreground"]
         for variant in [Variant(v.dtype, compiled=True) for v in candidates(device, dtype_flag)]:
             key = package_key(model, variant, device, batch_size)
             note = read_note(key)
@@ -178,7 +185,8 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
                 log(f"{variant}: ready, {1e3 * note['step_s']:.2f} ms per step ({package_files(key)[0]})")
                 continue
             log(f"{variant}: compiling (20 s to a minute and a half on 2 cores)...")
-            note = build_package(model, variant, device, batch_size)
+            note = build_package(model, variant, device, batch_size, eager_s=eager_steps.get(variant.dtype),
+                                 patience_s=patience_s, log=log)
             if note is None:
                 log(f"{variant}: another process is building it now")
             elif "failed" in note:
