@@ -322,13 +322,17 @@ def test_prepare_compares_with_the_eager_steps_the_foreground_timed(cache_dir, m
     patch(monkeypatch, "have_compiler", lambda device: True)
     asked = []
     patch(monkeypatch, "build_package", lambda *a, **k: asked.append(k) or None)
+    autogroup = cache_dir / "autogroup"  # stands in for /proc/self/autogroup
+    monkeypatch.setattr(packaging, "AUTOGROUP", str(autogroup))
     fastest_decoder(model, config, CPU, eager=True)  # play.py's run in the foreground: timed and kept
     prepare_packages(model, config, CPU, dtype_flag="float32", log=lambda line: None)
+    assert not autogroup.exists()  # in the foreground, the priority stays as it is
     lock = cache_dir / "background.lock"
     lock.write_text("")
     monkeypatch.setenv("SMOLL_BACKGROUND_LOCK", str(lock))
     prepare_packages(model, config, CPU, dtype_flag="float32", log=lambda line: None)
     assert [(k["eager_s"], k["patience_s"]) for k in asked] == [(SLOW_EAGER[F32], 300.0), (SLOW_EAGER[F32], 1800.0)]
+    assert autogroup.read_text() == "19"  # the background build's session at the lowest priority
     assert not lock.exists()  # the next background build may start
 
 

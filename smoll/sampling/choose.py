@@ -23,8 +23,8 @@ from models import TinyGPT
 from smoll.devices import machine_fingerprint
 from smoll.files import SmollError, cache_path, read_json, write_json
 from smoll.sampling.decoder import Variant, candidates, have_compiler, prepare, time_steps
-from smoll.sampling.packages import (PackageError, build_package, load_package, package_files, package_key,
-                                     read_note, remove_package)
+from smoll.sampling.packages import (PackageError, build_package, load_package, lowest_priority, package_files,
+                                     package_key, read_note, remove_package)
 
 PREPARE_PATIENCE_S = {"background": 1800.0, "foreground": 300.0}  # the longest --prepare waits for a busy CPU
 COMPILE_GUESS_S = 20.0  # what compiling a step is assumed to cost before it has been measured here
@@ -172,12 +172,15 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
     if not have_compiler(device):
         raise SmollError("--prepare needs a C++ compiler (g++ or clang++) to build: install one (e.g. apt install "
                          "g++). play.py works without it, eagerly.")
+    background = bool(os.environ.get("SMOLL_BACKGROUND_LOCK"))  # started by packages.start_background_build
+    if background:
+        lowest_priority()
     try:
         *_, report = fastest_decoder(model, config, device, dtype_flag, eager=True, batch_size=batch_size)
         log(f"eager: {report}")
         timed = read_json(cache_path("sampling_paths.json")).get(timings_key(model, config, device, batch_size), {})
         eager_steps = timed.get("steps", {})  # what the eager steps take in the foreground, as just read or timed
-        patience_s = PREPARE_PATIENCE_S["background" if os.environ.get("SMOLL_BACKGROUND_LOCK") else "foreground"]
+        patience_s = PREPARE_PATIENCE_S["background" if background else "foreground"]
         for variant in [Variant(v.dtype, compiled=True) for v in candidates(device, dtype_flag)]:
             key = package_key(model, variant, device, batch_size)
             note = read_note(key)
@@ -196,7 +199,7 @@ def prepare_packages(model, config, device, dtype_flag="auto", batch_size=1, log
                     f"loads in {1e3 * note['load_s']:.0f} ms")
         *_, report = fastest_decoder(model, config, device, dtype_flag, batch_size=batch_size)
         log(f"play.py now samples with: {report}")
-    finally:  # a background build (packages.start_background_build) lets the next one start
-        if os.environ.get("SMOLL_BACKGROUND_LOCK"):
+    finally:  # a background build lets the next one start
+        if background:
             with contextlib.suppress(OSError):
                 os.remove(os.environ["SMOLL_BACKGROUND_LOCK"])

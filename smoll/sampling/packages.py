@@ -51,6 +51,7 @@ PACKAGE_OPTIONS = {"max_autotune": True, "autotune_num_choices_displayed": 0,  #
 PACKAGES_KEPT = 16  # the most recently used ones; older packages are deleted
 BUSY_FACTOR = 1.5  # an eager step this much slower than the foreground timed it: another process has the CPU
 BUSY_WAIT_S = 15.0  # how long a background build sleeps before it looks again
+AUTOGROUP = "/proc/self/autogroup"  # Linux: the priority of this process's session as a whole
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 STEP_SOURCES = ("models.py", "smoll/sampling/decoder.py", "smoll/sampling/packages.py")  # editing one builds anew
 
@@ -381,6 +382,16 @@ def start_background_build(model, device, weights, dtype_flag="auto", batch_size
     print("[compiling the decoding step for this CPU in a background process, a few minutes at the "
           "lowest priority: later runs load it. --eager: never]", file=sys.stderr)
     return process
+
+
+def lowest_priority():
+    """For the background build itself: its session at the lowest priority too. Where Linux groups
+    processes by session (autogroup, the default on desktops), `nice -n 19` counts only against the
+    build's own session, and a build in a session of its own would take two thirds of the CPU from a
+    training run beside it; with its session at nice 19 as well, it takes what the run leaves."""
+    with contextlib.suppress(OSError):  # not Linux, or a kernel without autogroup
+        with open(AUTOGROUP, "w") as f:
+            f.write("19")
 
 
 def missing_packages(model, device, dtype_flag="auto", batch_size=1):
