@@ -56,6 +56,7 @@ from smoll.distributed import (Machine, barrier, ctrl_c_stops, leave, rng_states
                                stop_requested)
 from smoll.ensemble import distillation_loss, load_teachers, teacher_log_probs
 from smoll.files import SmollError, check_writable, replaced_atomically
+from smoll.muon import Muon
 from smoll.pictures import plot_history
 from smoll.speed import warm_up
 from utils import (DEFAULT_DATA, DEFAULT_OUT, FULL_EVAL_CHARS, SHIPPED_WEIGHTS, CharTokenizer, autocast, batch_shape,
@@ -230,7 +231,8 @@ def make_optimizers(model, config, device):
 
     With --optimizer muon, Muon updates the transformer blocks' weight matrices instead: it turns
     each one's momentum into the nearest orthogonal matrix (a few Newton-Schulz steps), so every
-    direction of the matrix learns at the same rate. Embeddings, the head and the gains keep AdamW.
+    direction of the matrix learns at the same rate (smoll/muon.py: torch.optim.Muon, with the
+    matrices of one shape orthogonalised together). Embeddings, the head and the gains keep AdamW.
     Each group keeps its peak learning rate in "peak_lr"; train_step scales it by lr_scale. On CUDA
     one fused kernel does AdamW's whole update; elsewhere a few batched (foreach) operations.
     """
@@ -248,8 +250,8 @@ def make_optimizers(model, config, device):
                                     foreach=not fused)]
     if hidden:
         muon_params = [p for p in params if p in hidden]  # in the model's order, so resume matches
-        optimizers.append(torch.optim.Muon([{"params": muon_params, "peak_lr": config.muon_lr}],
-                                           lr=config.muon_lr, weight_decay=config.weight_decay))
+        optimizers.append(Muon([{"params": muon_params, "peak_lr": config.muon_lr}],  # torch.optim.Muon's math
+                               lr=config.muon_lr, weight_decay=config.weight_decay))
     return optimizers
 
 

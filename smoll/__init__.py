@@ -11,6 +11,8 @@ hold the ideas; each module here holds one concern and says so in its docstring.
                       (train.py: setup_machine, ctrl_c_stops, stop_requested, rng_states)
     speed.py          the warm-up before training: the faster attention, torch.compile, the estimate
                       (train.py: warm_up)
+    muon.py           torch.optim.Muon, with the matrices of one shape orthogonalised together
+                      (train.py: make_optimizers)
     ensemble.py       several models as one, and distillation from them (train.py --teacher)
     eval_table.py     train.py --eval_only: checkpoints scored side by side
     pictures.py       the loss curve and the attention maps (matplotlib, optional)
