@@ -9,6 +9,7 @@ Training: tokens/s and ms per optimizer step of train.py's own train_step, on Ti
 batches, set up as train.py sets it up (compiled where train.py would compile); the achieved
 FLOP/s, and that figure as a fraction of this device's matmul peak, measured in the same run; then
 the same model size built and trained the way nanoGPT does it on a CPU (float32), side by side.
+--breakdown adds where the step's time goes: the passes, dropout's random masks, each optimizer.
 Sampling: characters/s on each path play.py can choose here (float32, bfloat16, int8 weights;
 --compile_sampling adds the compiled step), and with nanoGPT's generate (no cache: the whole
 window rerun for every character), all in steady state past the end of the context window. The
@@ -38,7 +39,7 @@ from smoll.sampling.decoder import Variant, candidates, have_compiler, prepare
 from smoll.sampling.packages import build_package
 from smoll.speed import warm_up
 from train import setup_run, train_step
-from utils import DEFAULT_DATA, batch_shape, load_model, load_text_ids, split_data
+from utils import DEFAULT_DATA, autocast, batch_shape, get_batch, load_model, load_text_ids, split_data
 
 VOCAB = 65  # Tiny Shakespeare's
 
@@ -129,7 +130,34 @@ def bench_training(config, device, steps):
     B, T = batch_shape(run.step, config)
     return {"ms_per_step": 1000 * seconds, "tokens_per_s": B * T / seconds, "model": run.model,
             "dtype": run.machine.dtype, "compiled": "compile_s" in run.record,
-            "attention": run.record.get("attention", "sdpa")}
+            "attention": run.record.get("attention", "sdpa"), "run": run, "step_model": step_model}
+
+
+def step_breakdown(run, step_model, device, repeats):
+    """Seconds of the parts of train.py's step: the forward and backward passes on one micro-batch,
+    the same passes with dropout off (the difference is the cost of its random masks; changing
+    dropout recompiles a compiled step first), and each optimizer's step."""
+    config = run.config
+    B, T = batch_shape(run.step, config)
+    x, y = get_batch(run.train_data, B // config.grad_accum, T, torch.Generator().manual_seed(0), device)
+
+    def passes():
+        with autocast(device, run.machine.dtype):
+            _, loss = step_model(x, y)
+        loss.backward()
+
+    parts = {"forward and backward": timed(passes, device, repeats) * config.grad_accum}
+    dropouts = [m for m in run.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropouts:
+        for m in dropouts:
+            m.p = 0.0
+        parts["the same without dropout"] = timed(passes, device, repeats) * config.grad_accum
+        for m in dropouts:
+            m.p = config.dropout
+    for optimizer in run.optimizers:
+        parts[f"{type(optimizer).__name__}'s step"] = timed(optimizer.step, device, repeats)
+        optimizer.zero_grad(set_to_none=True)
+    return parts
 
 
 def bench_reference_training(model, optimizer, config, device, steps):
@@ -252,6 +280,9 @@ def build_parser():
                              "on 2 cores), "
                              "on CUDA torch.compile with CUDA graphs")
     parser.add_argument("--sampling_only", action="store_true", help="skip the training benchmarks")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the parts of the training step: the forward and backward passes, "
+                             "with and without dropout, and each optimizer's step")
     add_config_args(parser)
     return parser
 
@@ -303,6 +334,10 @@ def bench_all_training(args, config, device, peak, parser):
           f"attention, train.py's "
           f"train_step): {t['tokens_per_s']:,.0f} tokens/s | {t['ms_per_step']:,.1f} ms/step | "
           f"{flops / 1e9:,.1f} GFLOP/s achieved = {100 * flops / peak:.0f}% of the matmul peak")
+    if args.breakdown:
+        parts = step_breakdown(t["run"], t["step_model"], device, args.train_steps)
+        print("where the step goes: " + " | ".join(f"{name} {1e3 * s:,.1f} ms ({100 * s / t['ms_per_step'] * 1e3:.0f}%)"
+                                                    for name, s in parts.items()))
     if not args.no_reference:
         torch.manual_seed(0)
         reference = NanoGPTStyle(config, VOCAB).to(device)

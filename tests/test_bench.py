@@ -14,9 +14,9 @@ from train import train
 def test_bench_reports_training_and_sampling_with_the_reference(capsys):
     bench.main(["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "16",
                 "--batch_size", "4", "--train_steps", "2", "--sample_chars", "20",
-                "--reference_chars", "5", "--device", "cpu", "--dtype", "float32"])
+                "--reference_chars", "5", "--device", "cpu", "--dtype", "float32", "--breakdown"])
     out = capsys.readouterr().out
-    for expected in ("device: ", "| torch ", "matmul peak (float32", "training (float32, eager, ", "attention, train.py's train_step):",
+    for expected in ("where the step goes: forward and backward ", "AdamW's step", "device: ", "| torch ", "matmul peak (float32", "training (float32, eager, ", "attention, train.py's train_step):",
                      "% of the matmul peak", "nanoGPT-style reference (float32, eager, same size):", "smoll trains",
                      "nanoGPT-style generate (float32, no cache):",
                      "smoll with the KV cache, float32:", "smoll with the KV cache, bfloat16:",
@@ -48,6 +48,22 @@ def test_bench_times_train_py_s_own_train_step(monkeypatch):
     t = bench.bench_training(config, bench.get_device("cpu"), steps=2)
     assert calls == [5, 5, 5]  # one untimed and two timed steps, all past the sequence-length warmup
     assert t["tokens_per_s"] == pytest.approx(4 * 16 / (t["ms_per_step"] / 1000))
+
+
+def test_the_breakdown_times_the_parts_of_the_step_and_leaves_dropout_as_it_was(monkeypatch):
+    config = make_config(n_layer=1, n_embd=32, n_head=2, block_size=16, batch_size=4, dropout=0.2,
+                         optimizer="muon", device="cpu", dtype="float32", eval_iters=1)
+    t = bench.bench_training(config, bench.get_device("cpu"), steps=2)
+    passes = []
+    real_timed = bench.timed
+    monkeypatch.setattr(bench, "timed", lambda fn, device, repeats: passes.append(
+        [m.p for m in t["run"].model.modules() if isinstance(m, torch.nn.Dropout)]) or real_timed(fn, device, repeats))
+    parts = bench.step_breakdown(t["run"], t["step_model"], bench.get_device("cpu"), repeats=2)
+    assert list(parts) == ["forward and backward", "the same without dropout", "AdamW's step", "Muon's step"]
+    assert all(s > 0 for s in parts.values())
+    assert passes[0] == [0.2, 0.2, 0.2] and passes[1] == [0.0, 0.0, 0.0]  # timed with dropout, then without
+    assert all(m.p == 0.2 for m in t["run"].model.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(p.grad is None for p in t["run"].model.parameters())  # nothing left for a next step
 
 
 def test_bench_names_the_cpu_and_its_extensions(monkeypatch):
