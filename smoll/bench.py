@@ -290,6 +290,8 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.breakdown and args.sampling_only:
+        parser.error("--breakdown times the parts of the training step, which --sampling_only skips: drop one.")
     for flag in ("train_steps", "sample_chars", "reference_chars"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}: every speed is a "

@@ -66,6 +66,12 @@ def test_the_breakdown_times_the_parts_of_the_step_and_leaves_dropout_as_it_was(
     assert all(p.grad is None for p in t["run"].model.parameters())  # nothing left for a next step
 
 
+def test_a_breakdown_without_training_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--breakdown", "--sampling_only"])
+    assert "--breakdown times the parts of the training step, which --sampling_only skips" in capsys.readouterr().err
+
+
 def test_bench_names_the_cpu_and_its_extensions(monkeypatch):
     monkeypatch.setattr(bench, "cpu_extensions", lambda: ["AVX2", "AMX-BF16"])
     line = bench.describe_machine(bench.get_device("cpu"))
