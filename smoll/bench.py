@@ -147,13 +147,13 @@ def step_breakdown(run, step_model, device, repeats):
         loss.backward()
 
     parts = {"forward and backward": timed(passes, device, repeats) * config.grad_accum}
-    dropouts = [m for m in run.model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    dropouts = {m: m.p for m in run.model.modules() if isinstance(m, nn.Dropout) and m.p > 0}
     if dropouts:
         for m in dropouts:
             m.p = 0.0
         parts["the same without dropout"] = timed(passes, device, repeats) * config.grad_accum
-        for m in dropouts:
-            m.p = config.dropout
+        for m, p in dropouts.items():
+            m.p = p
     for optimizer in run.optimizers:
         parts[f"{type(optimizer).__name__}'s step"] = timed(optimizer.step, device, repeats)
         optimizer.zero_grad(set_to_none=True)

@@ -33,8 +33,8 @@ def warm_up(run):
     First the attention is chosen by timing (choose_attention). Then torch.compile compiles the
     step, for each shape of batch the run will take (two with --seq_warmup). That time counts
     against --time_budget, but not against the tokens/s. With --compile auto, a compiled step that
-    turns out no faster than the eager one, timed side by side (race), is dropped. The timings, and the teachers' passes of a
-    distilled run, give the run's estimate. Returns the model the step runs: run.model itself, or
+    turns out no faster than the eager one, timed side by side (race), is dropped. The timings, and
+    the teachers' passes of a distilled run, give the run's estimate. Returns the model the step runs: run.model itself, or
     run.model under DDP and torch.compile, which share its parameters.
     """
     config, machine = run.config, run.machine
