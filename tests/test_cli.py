@@ -138,7 +138,8 @@ TRAIN_ERRORS = [
 @pytest.mark.parametrize("argv, message", TRAIN_ERRORS)
 def test_train_bad_input_gets_a_clear_error(argv, message, tmp_path, trained, capsys):
     files = _files(tmp_path, trained)
-    code, line = error_of(train.main, [a.format(**files) for a in argv] + ["--max_iters", "1"], capsys)
+    out = ["--out", str(tmp_path / "m.pth")]  # not the repository's out/, which a run would make first
+    code, line = error_of(train.main, [a.format(**files) for a in argv] + ["--max_iters", "1"] + out, capsys)
     assert code != 0
     assert message in line
 
@@ -169,8 +170,9 @@ def test_play_bad_input_gets_a_clear_error(argv, message, tmp_path, trained, cap
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("main, extra", [(train.main, ["--max_iters", "1"]), (play.main, [])])
-def test_device_cuda_without_cuda_is_a_clear_error(main, extra, trained, capsys):
-    argv = ["--device", "cuda"] + (["--weights", trained["weights"]] if main is play.main else extra)
+def test_device_cuda_without_cuda_is_a_clear_error(main, extra, trained, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "m.pth")]
+    argv = ["--device", "cuda"] + (["--weights", trained["weights"]] if main is play.main else extra + out)
     code, line = error_of(main, argv, capsys)
     assert code != 0
     assert "has no CUDA GPU" in line and "--device cpu" in line
